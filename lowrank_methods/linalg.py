@@ -1,0 +1,132 @@
+"""Shared linear algebra on stacked LoRA factors: never an m×n matrix.
+
+With B_cat = [B_1 … B_T] (m×R) and A_cat = [A_1; …; A_T] (R×n), every ΔW_t = B_t A_t lives in
+span(B_cat) ⊗ span(A_catᵀ). Thin QRs of the two stacks reduce all SVD work to R×R "cores".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .factors import LoraFactors
+
+
+def stack_factors(factors: Sequence[LoraFactors], coeffs: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B_cat = [c_1 B_1 … c_T B_T] (m×R), A_cat = [A_1; …; A_T] (R×n), so B_cat A_cat = Σ c_t B_t A_t."""
+    coeffs = coeffs if coeffs is not None else [1.0] * len(factors)
+    B = torch.cat([c * f.B for c, f in zip(coeffs, factors)], dim=1)
+    A = torch.cat([f.A for f in factors], dim=0)
+    return B, A
+
+
+def left_basis(X: torch.Tensor) -> torch.Tensor:
+    """Left singular vectors of a tall-or-wide X (m×R), thin: QR first, then an SVD of the small factor.
+
+    Same columns (up to sign) as ``torch.linalg.svd(X, full_matrices=False)[0]``, at O(m·R²).
+    """
+    m, R = X.shape
+    if R == 0:
+        return X.new_zeros(m, 0)
+    if m <= R:
+        return torch.linalg.svd(X, full_matrices=False)[0]
+    Q, Rf = torch.linalg.qr(X)
+    U, _, _ = torch.linalg.svd(Rf, full_matrices=False)
+    return Q @ U
+
+
+@dataclass
+class CoreSpace:
+    """Orthonormal bases U_B (m×R_B), V_A (R_A×n) with ΔW_t = U_B M_t V_A exactly."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    cores: list[torch.Tensor]
+
+    def lift(self, M: torch.Tensor) -> LoraFactors:
+        """U M V as factors, rank ≤ R (B = U M, A = V)."""
+        return LoraFactors(self.V, self.U @ M)
+
+
+def core_space(factors: Sequence[LoraFactors]) -> CoreSpace:
+    """Core Space (Panariello et al. 2025): U_B = lsv(B_cat), V_A = rsv(A_cat), M_t = U_Bᵀ B_t A_t V_Aᵀ."""
+    B, A = stack_factors(factors)
+    U = left_basis(B)
+    V = left_basis(A.T).T
+    cores = [(U.T @ f.B) @ (f.A @ V.T) for f in factors]
+    return CoreSpace(U, V, cores)
+
+
+@dataclass
+class LowRankSVD:
+    """Thin SVD of B_cat @ A_cat computed from the factors: U (m×k), S (k), Vh (k×n)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    def factors(self, k: int | None = None) -> LoraFactors:
+        """Best rank-k approximation as balanced factors: B = U_k √S_k, A = √S_k Vh_k."""
+        k = self.S.numel() if k is None else min(k, self.S.numel())
+        root = self.S[:k].sqrt()
+        return LoraFactors(root[:, None] * self.Vh[:k], self.U[:, :k] * root)
+
+    def retained_energy(self, k: int) -> float:
+        total = float((self.S**2).sum())
+        return 1.0 if total == 0 else float((self.S[:k] ** 2).sum()) / total
+
+
+def svd_of_product(B: torch.Tensor, A: torch.Tensor) -> LowRankSVD:
+    """SVD of B @ A (m×R times R×n) by two thin QRs and an R×R SVD: O((m+n)R²), exact."""
+    m, R = B.shape
+    n = A.shape[1]
+    if R == 0:
+        return LowRankSVD(B.new_zeros(m, 0), B.new_zeros(0), A.new_zeros(0, n))
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return LowRankSVD(Qb @ U, S, Vh @ Qa.T)
+
+
+def svd_of_sum(factors: Sequence[LoraFactors], coeffs: Sequence[float] | None = None) -> LowRankSVD:
+    """SVD of Σ c_t B_t A_t, never forming the m×n sum."""
+    return svd_of_product(*stack_factors(factors, coeffs))
+
+
+def energy_rank(S: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values keep ``fraction`` of Σσ² (at least 1 when S has any energy)."""
+    energy = S.double() ** 2
+    total = float(energy.sum())
+    if total == 0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype) - 1e-12).item()) + 1
+
+
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> int:
+    """Count of singular values above max(shape)·eps·σ_max (numpy's matrix_rank rule)."""
+    if S.numel() == 0 or float(S.max()) == 0:
+        return 0
+    rtol = rtol if rtol is not None else max(shape) * torch.finfo(S.dtype).eps
+    return int((S > rtol * S.max()).sum())
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor U Vᵀ of X = U S Vᵀ (the nearest matrix with orthonormal columns)."""
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U @ Vh
+
+
+def truncate(svd: LowRankSVD, rank: int | float | None, shape: tuple[int, int]) -> tuple[LoraFactors, dict[str, float]]:
+    """Keep the top components of ``svd``: all numerically nonzero ones (rank None), a fixed count
+    (int), or the fewest keeping a fraction of the energy Σσ² (float in (0, 1])."""
+    exact = numerical_rank(svd.S, shape)
+    if rank is None:
+        k = exact
+    elif isinstance(rank, float):
+        k = min(energy_rank(svd.S, rank), exact)
+    else:
+        k = min(int(rank), exact)
+    return svd.factors(k), {"rank": float(k), "retained_energy": svd.retained_energy(k)}

@@ -1,0 +1,17 @@
+"""cat: exact concatenation of the adapters (PEFT's ``combination_type="cat"``, LoRA Soups).
+
+    B* = λ [w_1 B_1 … w_T B_T],  A* = [A_1; …; A_T]   ⇒   B* A* = λ Σ_t w_t ΔW_t   (rank Σ r_t)
+"""
+
+from __future__ import annotations
+
+from ..linalg import stack_factors
+from ..factors import LoraFactors
+from ..registry import MethodParams, ModuleResult, method
+
+
+@method("cat", pretty_name="Concatenation (exact)", reference_url="https://arxiv.org/abs/2410.13025")
+def cat(factors, weights, params: MethodParams) -> ModuleResult:
+    """Exact weighted sum by concatenating the factors; output rank is the sum of the input ranks."""
+    B, A = stack_factors(factors, [params.lambda_ * w for w in weights])
+    return ModuleResult(LoraFactors(A, B), {"rank": float(A.shape[0]), "retained_energy": 1.0})

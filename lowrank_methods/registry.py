@@ -1,0 +1,117 @@
+"""Method name → function + pydantic parameter schema.
+
+A method is a pure function of one module's tensors::
+
+    fn(factors: list[LoraFactors], weights: list[float], params: MethodParams) -> ModuleResult
+
+``factors`` has one entry per adapter, in recipe order; an adapter that lacks the module gives the
+rank-0 ``LoraFactors.zeros``. Methods do no I/O and run on whatever device their inputs are on.
+To add a method: write ``methods/<name>.py`` with a ``@method(...)`` function and import it in
+``methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from typing_extensions import Annotated
+
+from .errors import MergeError
+from .factors import LoraFactors
+
+
+
+# Output rank: int = fixed rank; float in (0, 1] = smallest rank keeping that energy fraction, per module
+# (written as rank_pattern); None = exact (every numerically nonzero component).
+Rank = Annotated[StrictInt, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None
+
+
+class MethodParams(BaseModel):
+    """Parameters every method accepts. Subclass it to declare a method's own parameters."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    lambda_: float = Field(1.0, alias="lambda", description="global scale applied to the merged update")
+
+
+@dataclass
+class ModuleResult:
+    """One module's merge result: merged factors (scale 1), statistics, and optional bundle tensors."""
+
+    factors: LoraFactors | None
+    stats: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device=None, dtype=None) -> "ModuleResult":
+        return ModuleResult(
+            self.factors.to(device, dtype) if self.factors is not None else None,
+            dict(self.stats),
+            {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[Sequence[LoraFactors], Sequence[float], MethodParams], ModuleResult]
+    params: type[MethodParams]
+    pretty_name: str
+    reference_url: str | None = None
+    output: Literal["adapter", "bundle"] = "adapter"
+    in_mergekit: bool = True  # False for aliases of mergekit's own names (task_arithmetic, linear)
+    summary: str = ""
+
+    def parse_params(self, values: dict) -> MethodParams:
+        try:
+            return self.params.model_validate(values)
+        except Exception as e:  # pydantic.ValidationError → one line per problem, joined
+            raise MergeError(f"bad parameters for method {self.name!r}: {_one_line(e)}") from None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def method(name: str, *, params: type[MethodParams] = MethodParams, pretty_name: str, reference_url: str | None = None,
+           output: Literal["adapter", "bundle"] = "adapter", in_mergekit: bool = True):
+    """Decorator: register ``fn`` under ``name``."""
+
+    def register(fn):
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _METHODS[name] = Method(name, fn, params, pretty_name, reference_url, output, in_mergekit, doc[0] if doc else "")
+        return fn
+
+    return register
+
+
+def _load() -> None:
+    from . import methods  # noqa: F401  (importing the package registers every method)
+
+
+def get_method(name: str) -> Method:
+    _load()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, _METHODS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known methods: {', '.join(sorted(_METHODS))}"
+        raise MergeError(f"unknown merge_method {name!r}{hint}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[Method]:
+    _load()
+    return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+def _one_line(err: Exception) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors():
+            loc = ".".join(str(x) for x in e.get("loc", ())) or "parameters"
+            parts.append(f"{loc}: {e.get('msg')}")
+        return "; ".join(parts)
+    return str(err).replace("\n", " ")
