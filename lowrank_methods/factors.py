@@ -179,36 +179,57 @@ class AdapterSource:
             self._handle = safe_open(self.weights_file, framework="pt")
         return self._handle.get_tensor(key)
 
-    def read_module(self, module: str, dtype=torch.float32) -> tuple[LoraFactors, ModuleLayout]:
-        """Read one module's factors (normalised, scale folded into B) and its layout."""
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        if self.weights_file.suffix == ".bin":
+            return tuple(_pickle_state(self.weights_file)[key].shape)
+        if self._handle is None:
+            self._handle = safe_open(self.weights_file, framework="pt")
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def layout(self, module: str) -> ModuleLayout:
+        """The module's layout from tensor shapes alone (header only, no data read); checks ranks."""
         parts = self.keys[module]
         embedding = "lora_embedding_A" in parts
-        a_raw = self.read_raw(parts["lora_embedding_A" if embedding else "lora_A"])
-        b_raw = self.read_raw(parts["lora_embedding_B" if embedding else "lora_B"])
+        a = self.shape_of(parts["lora_embedding_A" if embedding else "lora_A"])
+        b = self.shape_of(parts["lora_embedding_B" if embedding else "lora_B"])
         r, _ = self.rank_alpha(module)
-        if a_raw.shape[0] != r or b_raw.shape[1] != r:
+        if a[0] != r or b[1] != r:
             raise MergeError(
-                f"tensors have rank {a_raw.shape[0]}/{b_raw.shape[1]} but the config says r={r} "
-                "(check r and rank_pattern in adapter_config.json)",
+                f"tensors have rank {a[0]}/{b[1]} but the config says r={r} (check r and rank_pattern in adapter_config.json)",
                 adapter=self.name, module=module,
             )
-        for t in (a_raw, b_raw):
-            if not torch.isfinite(t).all():
-                raise MergeError("factors contain NaN or Inf; the adapter is corrupt or diverged in training", adapter=self.name, module=module)
-        s = self.scale(module)
-        a = a_raw.to(dtype)
-        b = b_raw.to(dtype)
         if embedding:
-            layout = ModuleLayout("embedding", (a.shape[1], b.shape[0]))
-            return LoraFactors(b.T, s * a.T), layout
-        if a.ndim > 2:
-            if any(d != 1 for d in b.shape[2:]):
-                raise MergeError(f"convolution lora_B has kernel {tuple(b.shape[2:])}, expected 1s", adapter=self.name, module=module)
-            layout = ModuleLayout("conv", (b.shape[0], a[0].numel()), kernel=tuple(a.shape[2:]))
-            return LoraFactors(a.flatten(1), s * b.flatten(1)), layout
+            return ModuleLayout("embedding", (a[1], b[0]))
+        if len(a) > 2:
+            if any(d != 1 for d in b[2:]):
+                raise MergeError(f"convolution lora_B has kernel {b[2:]}, expected 1s", adapter=self.name, module=module)
+            return ModuleLayout("conv", (b[0], math.prod(a[1:])), kernel=tuple(a[2:]))
         if self.config.get("fan_in_fan_out"):
-            return LoraFactors(b.T, s * a.T), ModuleLayout("linear", (a.shape[1], b.shape[0]), fan_in_fan_out=True)
-        return LoraFactors(a, s * b), ModuleLayout("linear", (b.shape[0], a.shape[1]))
+            return ModuleLayout("linear", (a[1], b[0]), fan_in_fan_out=True)
+        return ModuleLayout("linear", (b[0], a[1]))
+
+    def read_module(self, module: str, dtype=torch.float32) -> LoraFactors:
+        """Read one module's factors, normalised to ΔW = B @ A in the base layout, scale folded into B."""
+        parts = self.keys[module]
+        layout = self.layout(module)
+        embedding = layout.kind == "embedding"
+        a = self.read_raw(parts["lora_embedding_A" if embedding else "lora_A"])
+        b = self.read_raw(parts["lora_embedding_B" if embedding else "lora_B"])
+        for t in (a, b):
+            if not torch.isfinite(t).all():
+                raise MergeError("factors contain NaN or Inf; the adapter is corrupt or diverged in training",
+                                 adapter=self.name, module=module)
+        s = self.scale(module)
+        a, b = a.to(dtype), b.to(dtype)
+        if embedding or layout.fan_in_fan_out:
+            return LoraFactors(b.T, s * a.T)
+        return LoraFactors(a.flatten(1), s * b.flatten(1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype of the factors (read from the first module)."""
+        parts = next(iter(self.keys.values()))
+        return self.read_raw(parts.get("lora_A") or parts["lora_embedding_A"]).dtype
 
 
 def check_config(config: dict, name: str) -> None:

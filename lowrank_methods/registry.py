@@ -35,6 +35,7 @@ class MethodParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
     lambda_: float = Field(1.0, alias="lambda", description="global scale applied to the merged update")
+    module: str = Field("", description="filled by the engine with the module's name (seeds per-module randomness)")
 
 
 @dataclass

@@ -1,0 +1,237 @@
+"""The streaming merge: recipe → sources → plan → (load → device → method → CPU → writer) per module.
+
+Peak memory is a few modules' factors plus one method's scratch: module i+1 is read by a prefetch
+thread while module i computes, and each result is streamed to disk by the writer.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import MergeError
+from .factors import AdapterSource, LoraFactors, ModuleLayout, check_compatible
+from .recipe import Recipe
+from .registry import ModuleResult
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class Plan:
+    """Every module any adapter targets (union), in natural order, with its layout and layer position."""
+
+    modules: list[str]
+    layouts: dict[str, ModuleLayout]
+    n_layers: int
+
+    def t(self, module: str) -> float:
+        """mergekit's gradient position: layer / (n_layers - 1); 0 for modules outside the layer stack."""
+        m = LAYER_INDEX.search(module)
+        return int(m.group(1)) / (self.n_layers - 1) if m and self.n_layers > 1 else 0.0
+
+
+def make_plan(sources: list[AdapterSource]) -> Plan:
+    layouts: dict[str, ModuleLayout] = {}
+    owner: dict[str, str] = {}
+    for src in sources:
+        for module in src.modules:
+            layout = src.layout(module)
+            if module in layouts and layouts[module] != layout:
+                first = layouts[module]
+                raise MergeError(
+                    f"shape {first.kind} {first.shape} in {owner[module]!r} but {layout.kind} {layout.shape} here; "
+                    "the adapters were trained on different models",
+                    adapter=src.name, module=module,
+                )
+            layouts.setdefault(module, layout)
+            owner.setdefault(module, src.name)
+    modules = sorted(layouts, key=_natural_key)
+    layers = [int(m.group(1)) for m in map(LAYER_INDEX.search, modules) if m]
+    return Plan(modules, layouts, max(layers) + 1 if layers else 1)
+
+
+@dataclass
+class MergeReport:
+    """What was merged and how it went; saved as merge_report.json and rendered into the model card."""
+
+    method: str
+    pretty_name: str
+    reference_url: str | None
+    output: str
+    base_model: str | None
+    task_type: str | None
+    adapters: list[dict]
+    parameters: dict
+    modules: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+    recipe: str = ""
+
+    def summary(self) -> dict[str, float]:
+        energies = [s["retained_energy"] for s in self.modules.values() if "retained_energy" in s]
+        ranks = [s["rank"] for s in self.modules.values() if "rank" in s]
+        out = {"modules": float(len(self.modules)), "seconds": self.seconds}
+        if energies:
+            out |= {"retained_energy_min": min(energies), "retained_energy_median": statistics.median(energies)}
+        if ranks:
+            out |= {"rank_min": min(ranks), "rank_max": max(ranks)}
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"summary": self.summary()}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MergeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def open_sources(recipe: Recipe, *, allow_pickle: bool = False) -> tuple[list[AdapterSource], str | None]:
+    """Resolve and open every adapter (configs and key indexes only); returns them and the shared base model."""
+    from .hub import resolve_adapter
+
+    sources = [AdapterSource.open(resolve_adapter(ref), ref.name, allow_pickle=allow_pickle) for ref in recipe.adapters]
+    return sources, check_compatible(sources, base_model=recipe.base_model or _recipe_base(recipe))
+
+
+def run_merge(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    precision: str = "float32",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    quiet: bool = False,
+    write_card: bool = True,
+) -> MergeReport:
+    """Merge the recipe's adapters module by module and write the result atomically to ``out``."""
+    from .writers import open_writer
+
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    compute_dtype = DTYPES[precision]
+    sources, base = open_sources(recipe, allow_pickle=allow_pickle)
+    plan = make_plan(sources)
+    first = sources[0].config
+    report = MergeReport(
+        method=recipe.method.name, pretty_name=recipe.method.pretty_name, reference_url=recipe.method.reference_url,
+        output=recipe.output, base_model=base, task_type=first.get("task_type"),
+        adapters=[_describe(ref, src) for ref, src in zip(recipe.adapters, sources)],
+        parameters={k: v for k, v in recipe.settings.items()}, device=str(dev), recipe=recipe.text,
+    )
+    out_dtype = DTYPES[recipe.dtype] if recipe.dtype else sources[0].dtype
+    extras = _carried_tensors(sources)
+    writer = open_writer(recipe, out, plan, sources, extra_keys=list(extras), dtype=out_dtype, overwrite=overwrite)
+    try:
+        load = _module_loader(sources, plan, compute_dtype)
+        for module, factors in tqdm(_prefetched(plan.modules, load), total=len(plan.modules), desc="merging modules",
+                                    unit="module", disable=quiet):
+            t = plan.t(module)
+            params = recipe.params_for(module, t)
+            weights = recipe.weights_for(module, t)
+            result = recipe.method.fn([f.to(dev) for f in factors], weights, params)
+            result = result.to("cpu")
+            writer.add(module, plan.layouts[module], result)
+            report.modules[module] = dict(result.stats)
+        for key, (module, src) in extras.items():
+            writer.add_extra(key, src.read_raw(key).to(out_dtype), module)
+        report.seconds = time.perf_counter() - start
+        staged = writer.finish(_output_config(first, base))
+        _write_report(staged, report)
+        if write_card:
+            from .card import write_card
+
+            write_card(staged, report)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return report
+
+
+def _module_loader(sources: list[AdapterSource], plan: Plan, dtype: torch.dtype) -> Callable[[str], list[LoraFactors]]:
+    def load(module: str) -> list[LoraFactors]:
+        shape = plan.layouts[module].shape
+        return [src.read_module(module, dtype) if module in src.keys else LoraFactors.zeros(shape, dtype) for src in sources]
+
+    return load
+
+
+def _prefetched(modules: list[str], load: Callable[[str], list[LoraFactors]]) -> Iterator[tuple[str, list[LoraFactors]]]:
+    """Yield (module, factors) while a worker thread already reads the next module."""
+    if not modules:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(load, modules[0])
+        for i, module in enumerate(modules):
+            factors = pending.result()
+            if i + 1 < len(modules):
+                pending = pool.submit(load, modules[i + 1])
+            yield module, factors
+
+
+def _carried_tensors(sources: list[AdapterSource]) -> dict[str, tuple[str, AdapterSource]]:
+    """Full tensors an adapter carries besides LoRA factors (modules_to_save): taken over unchanged.
+
+    Two adapters carrying the same tensor must carry identical values; otherwise there is no defined merge.
+    """
+    carried: dict[str, tuple[str, AdapterSource]] = {}
+    for src in sources:
+        for key in src.extra_keys:
+            module = key.removeprefix("base_model.model.").removesuffix(".weight").removesuffix(".bias")
+            if key in carried:
+                other = carried[key][1]
+                if not torch.equal(other.read_raw(key), src.read_raw(key)):
+                    raise MergeError(
+                        f"both {other.name!r} and {src.name!r} save their own copy of this module (modules_to_save) "
+                        "with different values; there is no defined merge of them. Remove it from all but one adapter",
+                        module=module,
+                    )
+                continue
+            carried[key] = (module, src)
+    return carried
+
+
+def _describe(ref, src: AdapterSource) -> dict:
+    ranks = sorted({src.rank_alpha(m)[0] for m in src.modules})
+    scales = sorted({round(src.scale(m), 6) for m in src.modules})
+    weight = ref.settings.get("weight", 1.0)
+    return {"name": ref.name, "source": ref.adapter, "revision": ref.revision, "base": ref.base, "ranks": ranks,
+            "scales": scales, "rslora": bool(src.config.get("use_rslora")), "modules": len(src.modules),
+            "weight": weight if isinstance(weight, (int, float)) else str(weight)}
+
+
+def _recipe_base(recipe: Recipe) -> str | None:
+    bases = {ref.base for ref in recipe.adapters if ref.base}
+    return bases.pop() if len(bases) == 1 else None
+
+
+def _output_config(first: dict, base: str | None) -> dict:
+    return {**first, "base_model_name_or_path": base}
+
+
+def _write_report(path: Path, report: MergeReport) -> None:
+    import json
+
+    (path / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
