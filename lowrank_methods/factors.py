@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
-from safetensors import safe_open
 
 from .errors import MergeError
 
@@ -106,7 +106,7 @@ class AdapterSource:
     keys: dict[str, dict[str, str]]  # module -> {part: tensor key}
     extra_keys: list[str] = field(default_factory=list)  # modules_to_save copies etc.
     weights_file: Path | None = None
-    _handle: object = field(default=None, repr=False)
+    _file: "SafetensorsFile | None" = field(default=None, repr=False)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -175,16 +175,17 @@ class AdapterSource:
     def read_raw(self, key: str) -> torch.Tensor:
         if self.weights_file.suffix == ".bin":
             return _pickle_state(self.weights_file)[key]
-        if self._handle is None:
-            self._handle = safe_open(self.weights_file, framework="pt")
-        return self._handle.get_tensor(key)
+        return self._reader().read(key)
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         if self.weights_file.suffix == ".bin":
             return tuple(_pickle_state(self.weights_file)[key].shape)
-        if self._handle is None:
-            self._handle = safe_open(self.weights_file, framework="pt")
-        return tuple(self._handle.get_slice(key).get_shape())
+        return self._reader().shape(key)
+
+    def _reader(self) -> "SafetensorsFile":
+        if self._file is None:
+            self._file = SafetensorsFile(self.weights_file)
+        return self._file
 
     def layout(self, module: str) -> ModuleLayout:
         """The module's layout from tensor shapes alone (header only, no data read); checks ranks."""
@@ -274,12 +275,59 @@ def _list_keys(weights: Path, name: str) -> list[str]:
     try:
         if weights.suffix == ".bin":
             return list(_pickle_state(weights))
-        with safe_open(weights, framework="pt") as f:
-            return list(f.keys())
+        return list(SafetensorsFile(weights).entries)
     except MergeError:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise MergeError(f"cannot read {weights.name} ({e}); the file is corrupt or truncated", adapter=name) from None
+
+
+class SafetensorsFile:
+    """A safetensors file read tensor by tensor with positioned reads (``os.pread``).
+
+    Unlike the mmap behind ``safetensors.safe_open``, pages of modules already merged never stay mapped
+    into the process, so peak memory is bounded by the modules in flight, not by the file size.
+    """
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError(f"header length {size} is implausible")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self.data_start = 8 + size
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > self.path.stat().st_size:
+            raise ValueError("the file is shorter than its header says (truncated)")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        buf = bytearray(end - begin)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(buf), 0
+            while done < len(buf):
+                n = os.preadv(fd, [view[done:]], self.data_start + begin + done)
+                if n <= 0:
+                    raise OSError(f"short read in {self.path.name}")
+                done += n
+        finally:
+            os.close(fd)
+        dtype = self.DTYPES[entry["dtype"]]
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
 _PICKLES: dict[Path, dict] = {}

@@ -142,3 +142,10 @@ def test_validate_checks_without_writing(tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", "task_arithmetic", [(good(tmp_path, "a"), 1.0), (good(tmp_path, "b"), 0.5)])
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert result.exit_code == 0 and result.output.startswith("ok: task_arithmetic over 2 adapters, 1 modules")
+
+
+def test_refuses_truncated_safetensors(tmp_path):
+    bad = good(tmp_path, "bad")
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) - 40])
+    assert_refused(*run_cli(tmp_path, [good(tmp_path), bad]), "'bad'", "corrupt or truncated")
