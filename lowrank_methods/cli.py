@@ -32,6 +32,26 @@ def one_line_errors(fn):
     return click.option("--verbose", "-v", is_flag=True, help="show full tracebacks")(wrapper)
 
 
+def hub_options(fn):
+    """--private/--revision/--create-pr/--commit-message, shared by `merge --push-to-hub` and `push`."""
+    for option in reversed([
+        click.option("--private", is_flag=True, help="create the Hub repo as private"),
+        click.option("--revision", default=None, help="branch to push to (created from main if missing)"),
+        click.option("--create-pr", is_flag=True, help="open a pull request against main instead of committing"),
+        click.option("--commit-message", default=None, help="commit message (default: says what was merged)"),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def push_folder(out, repo_id, *, private, revision, create_pr, commit_message, quiet=False) -> None:
+    from .hub import push
+
+    info = push(out, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message)
+    if not quiet:
+        click.echo(f"opened pull request {info.pr_url}" if info.pr_url else f"pushed {out} to {info.commit_url}")
+
+
 @click.group()
 @click.version_option(package_name="mergekit-lowrank")
 def main():
@@ -48,11 +68,18 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="also read adapter_model.bin (loaded with weights_only=True)")
 @click.option("--no-card", is_flag=True, help="do not write README.md")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
+@click.option("--push-to-hub", metavar="ORG/NAME", default=None,
+              help="upload OUT to this Hub repo once the merge succeeded")
+@hub_options
 @one_line_errors
-def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet):
+def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, push_to_hub, **hub):
     """Merge the adapters listed in RECIPE into OUT."""
     from .engine import run_merge
+    from .hub import check_can_push
     from .recipe import load_recipe
+
+    if push_to_hub:  # a missing token or a bad repo id fails before the merge, not after it
+        check_can_push(push_to_hub, revision=hub["revision"], create_pr=hub["create_pr"])
 
     report = run_merge(load_recipe(recipe), out, device=device, precision=precision, overwrite=overwrite,
                        allow_pickle=allow_pickle, quiet=quiet, write_card=not no_card)
@@ -62,6 +89,12 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
             if "retained_energy_min" in s else ""
         click.echo(f"wrote {out}: {report.method} over {len(report.adapters)} adapters, {int(s['modules'])} modules"
                    f"{energy}, {report.seconds:.1f} s")
+        if report.output == "bundle":
+            from .bundle import summary_table
+
+            click.echo(summary_table(out))
+    if push_to_hub:  # run_merge returned: OUT is complete and committed
+        push_folder(out, push_to_hub, quiet=quiet, **hub)
 
 
 @main.command()
@@ -78,6 +111,32 @@ def validate(recipe, allow_pickle):
     plan = make_plan(sources)
     parsed.check(plan.modules)
     click.echo(f"ok: {parsed.method.name} over {len(sources)} adapters, {len(plan.modules)} modules, base {base or 'unknown'}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("task")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@one_line_errors
+def reconstruct(bundle, task, out, overwrite):
+    """Write task TASK of the reversible BUNDLE (merge_method: rmm) back as a PEFT adapter in OUT."""
+    from .bundle import ReversibleBundle
+
+    loaded = ReversibleBundle.load(bundle)
+    loaded.write_adapter(task, out, overwrite=overwrite)
+    error = loaded.manifest["tasks"][loaded.task_index(task)]["error"]
+    click.echo(f"wrote {out}: task {task!r} rebuilt from {bundle} (relative error of ΔW {error:.3e})")
+
+
+@main.command("push")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("repo_id", metavar="ORG/NAME")
+@hub_options
+@one_line_errors
+def push_cmd(out, repo_id, **hub):
+    """Upload the merge output OUT to the Hub repo ORG/NAME (created if missing; token from HF_TOKEN or the login)."""
+    push_folder(out, repo_id, **hub)
 
 
 @main.command("methods")

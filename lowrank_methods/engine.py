@@ -104,9 +104,11 @@ def resolve_device(device: str) -> torch.device:
 
 def open_sources(recipe: Recipe, *, allow_pickle: bool = False) -> tuple[list[AdapterSource], str | None]:
     """Resolve and open every adapter (configs and key indexes only); returns them and the shared base model."""
+    from .full_models import as_adapter_dirs
     from .hub import resolve_adapter
 
-    sources = [AdapterSource.open(resolve_adapter(ref), ref.name, allow_pickle=allow_pickle) for ref in recipe.adapters]
+    paths = as_adapter_dirs(recipe, [resolve_adapter(ref, allow_pickle=allow_pickle) for ref in recipe.adapters])  # PT-SVD: full models → adapters
+    sources = [AdapterSource.open(path, ref.name, allow_pickle=allow_pickle) for ref, path in zip(recipe.adapters, paths)]
     return sources, check_compatible(sources, base_model=recipe.base_model or _recipe_base(recipe))
 
 
@@ -230,7 +232,9 @@ def _output_config(first: dict, base: str | None) -> dict:
 def _write_report(path: Path, report: MergeReport) -> None:
     import json
 
-    (path / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    from .card import public_report  # no absolute local paths or tokens: the folder may be pushed to the Hub
+
+    (path / "merge_report.json").write_text(json.dumps(public_report(report), indent=2) + "\n")
 
 
 def _natural_key(name: str):

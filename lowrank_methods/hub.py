@@ -1,16 +1,192 @@
-"""Resolving adapters named in a recipe to local directories (and, later, pushing results)."""
+"""Where adapters come from and where results go: local directories or Hub ids in, ``push`` out.
+
+In: a recipe entry names a local directory when one exists at that path, else a Hub repo id
+(``org/name``, optional ``@revision``), fetched with ``snapshot_download`` restricted to the files a
+merge reads, into huggingface_hub's own cache (so ``HF_HUB_OFFLINE=1`` works from a warm cache).
+Out: ``push`` = ``create_repo(exist_ok=True)`` + ``upload_folder`` of a finished output directory.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 from .errors import MergeError
 from .recipe import AdapterRef
 
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+PICKLE_FILES = ["adapter_model.bin"]
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "tokenizer*", "special_tokens_map.json", "chat_template*"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-def resolve_adapter(ref: AdapterRef) -> Path:
-    """A local adapter directory for ``ref``: the path itself when it exists locally."""
+
+def resolve_adapter(ref: AdapterRef, *, allow_pickle: bool = False) -> Path:
+    """A local directory holding ``ref``'s adapter: the path itself, or a Hub snapshot of just the adapter files
+    (plus config.json, so that a full fine-tuned model is recognised and then fetched as one).
+
+    A ``base+adapter`` entry resolves only the adapter: an adapter merge never reads the base weights.
+    """
     path = Path(ref.adapter).expanduser()
     if path.is_dir():
         return path
-    raise MergeError(f"adapter {ref.adapter!r} is not a local directory", adapter=ref.name)
+    if not HUB_ID.fullmatch(ref.adapter):
+        raise MergeError(f"{ref.adapter!r} is neither a local directory nor a Hub repo id (org/name[@revision])",
+                         adapter=ref.name)
+    pickles = PICKLE_FILES if allow_pickle else []
+    folder = download(ref.adapter, ref.revision, ADAPTER_FILES + pickles + ["config.json"], who=ref.name)
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    if (folder / "config.json").is_file():  # a full fine-tuned model (PT-SVD input, see full_models.py)
+        return download(ref.adapter, ref.revision, MODEL_FILES + (["pytorch_model*.bin"] if allow_pickle else []),
+                        who=ref.name)
+    raise MergeError(f"Hub repo {ref.adapter} has neither adapter_config.json nor config.json at its top level; "
+                     "it is not a PEFT adapter or a transformers model", adapter=ref.name)
+
+
+def resolve_model(name: str, *, allow_pickle: bool = False) -> Path:
+    """A base model (``output: model``) as a local directory: ``name`` itself or ``org/name[@revision]`` from the Hub
+    (config, tokenizer and safetensors weights only)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    repo_id, _, revision = name.partition("@")
+    if not HUB_ID.fullmatch(repo_id):
+        raise MergeError(f"base model {name!r} is neither a local directory nor a Hub repo id (org/name[@revision])")
+    patterns = MODEL_FILES + (["pytorch_model*.bin"] if allow_pickle else [])
+    folder = download(repo_id, revision or None, patterns, who=f"base model {repo_id}")
+    if not (folder / "config.json").is_file():
+        raise MergeError(f"Hub repo {repo_id} has no config.json; it is not a transformers model")
+    return folder
+
+
+def download(repo_id: str, revision: str | None, patterns: list[str], *, who: str) -> Path:
+    """``snapshot_download`` of only ``patterns``, every failure turned into one line saying what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=_endpoint()))
+    except GatedRepoError:
+        raise MergeError(f"{at}: gated repo; accept its terms on the Hub and log in (HF_TOKEN or `hf auth login`)",
+                         adapter=who) from None
+    except RepositoryNotFoundError:
+        raise MergeError(f"no local directory {repo_id!r} and no Hub repo {repo_id} (or it is private: set HF_TOKEN "
+                         "or run `hf auth login`)", adapter=who) from None
+    except RevisionNotFoundError:
+        raise MergeError(f"Hub repo {repo_id} has no revision {revision!r}; check the @revision", adapter=who) from None
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise MergeError(f"{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                             "run once online to cache it, or unset HF_HUB_OFFLINE", adapter=who) from None
+        raise MergeError(f"cannot reach the Hub at {_endpoint() or constants.ENDPOINT} and {at} is not cached; "
+                         "check the network, or set HF_ENDPOINT", adapter=who) from None
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code == 401:
+            raise MergeError(f"the Hub rejected the token (401 Unauthorized) while downloading {at}; check HF_TOKEN "
+                             "or run `hf auth login`", adapter=who) from None
+        raise MergeError(f"downloading {at} failed: {_http_reason(e)}", adapter=who) from None
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
+         endpoint: str | None = None):
+    """Upload a finished output directory to ``repo_id`` (created if missing); returns the ``CommitInfo``.
+
+    The token comes from ``token``, else ``HF_TOKEN``, else the login cache. Unchanged files are skipped by
+    the client, so pushing the same folder twice makes no second commit.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise MergeError(f"nothing to push: {folder} is not a merge output directory")
+    token = check_can_push(repo_id, revision=revision, create_pr=create_pr, token=token)
+    api = HfApi(endpoint=endpoint or _endpoint(), token=token)
+    try:
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:
+            raise MergeError(f"{repo_id} already exists and is public; --private cannot change that. "
+                             "Make it private on the Hub first, or drop --private")
+        if revision and revision != "main" and not revision.startswith("refs/pr/"):  # refs/pr/N: add to an open PR
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        _card_with_repo_id(folder, repo_id)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or _default_message(folder))
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise MergeError("the Hub rejected the token (401 Unauthorized); check HF_TOKEN or run `hf auth login` "
+                             "with a token that has write access") from None
+        if status == 403:
+            raise MergeError(f"this token may not write to {repo_id} (403 Forbidden); use a token with write access "
+                             "to that namespace") from None
+        raise MergeError(f"pushing to {repo_id} failed: {_http_reason(e)}") from None
+    except MergeError:
+        raise
+    except Exception as e:  # connection failures: OfflineModeIsEnabled/ConnectionError, or httpx2 transport errors
+        if isinstance(e, ConnectionError) or type(e).__module__.startswith("httpx"):
+            raise MergeError(f"pushing to {repo_id} failed: cannot reach {api.endpoint} ({type(e).__name__})") from None
+        raise
+
+
+def check_can_push(repo_id: str, *, revision: str | None = None, create_pr: bool = False,
+                   token: str | None = None) -> str:
+    """Everything about a push that can be checked without the network; returns the token to use."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise MergeError(f"{repo_id!r} is not a Hub repo id; write org/name") from None
+    if "/" not in repo_id:
+        raise MergeError(f"{repo_id!r}: write the repo id as org/name (or user/name)")
+    if create_pr and revision not in (None, "main"):
+        raise MergeError("--create-pr opens a pull request against main; drop --revision, or push to the branch "
+                         "without --create-pr")
+    if constants.is_offline_mode():
+        raise MergeError("HF_HUB_OFFLINE=1 is set; unset it to push")
+    token = token or get_token()
+    if not token:
+        raise MergeError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push "
+                         "(`mergekit-lowrank push OUT org/name`)")
+    return token
+
+
+def _card_with_repo_id(folder: Path, repo_id: str) -> None:
+    """Put the repo id into the card's usage code, unless README.md was edited by hand since the merge wrote it."""
+    from .card import PLOT, render_card
+
+    readme, report = folder / "README.md", folder / "merge_report.json"
+    if not (readme.is_file() and report.is_file()):
+        return
+    report_dict, plot = json.loads(report.read_text()), PLOT if (folder / PLOT).is_file() else None
+    if readme.read_text(encoding="utf-8") == render_card(report_dict, plot=plot):
+        readme.write_text(render_card(report_dict, repo_id=repo_id, plot=plot), encoding="utf-8")
+
+
+def _default_message(folder: Path) -> str:
+    try:
+        report = json.loads((folder / "merge_report.json").read_text())
+        return f"Upload {report['method']} merge of {len(report['adapters'])} LoRA adapters (mergekit-lowrank)"
+    except (OSError, ValueError, KeyError):
+        return "Upload with mergekit-lowrank"
+
+
+def _endpoint() -> str | None:
+    """HF_ENDPOINT read now (huggingface_hub reads it only once, at import)."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+
+
+def _http_reason(e) -> str:
+    response = getattr(e, "response", None)
+    status = f"HTTP {response.status_code}" if response is not None else type(e).__name__
+    detail = getattr(e, "server_message", None) or str(e).splitlines()[0]
+    return f"{status}: {detail}"
