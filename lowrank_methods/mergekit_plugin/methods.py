@@ -1,0 +1,64 @@
+"""Our methods as entries of mergekit's method registry, so mergekit knows their names, parameters and card text.
+
+A factor method needs the LoRA factors, which mergekit's graph never hands to a method (it passes dense
+tensors of one shape); ``route.run_merge`` sends such recipes to our engine before mergekit plans anything.
+The registered object therefore only describes the method; reached through another mergekit entry point
+(``merge_state_dicts``, ``mergekit-multi``), its ``merge_group`` refuses with one line saying what to run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+
+def mergekit_method(method):
+    """mergekit 0.1.5 method object describing one of our registry's methods."""
+    from mergekit.merge_methods import BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, ParameterScope
+    from mergekit.merge_methods.base import ParameterSpec
+
+    params = [ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0, description="weight of this adapter")]
+    for name, field in method.params.model_fields.items():
+        if name == "module":  # set per module by the engine, not a recipe parameter
+            continue
+        extra = {} if field.is_required() else {"default": field.default}
+        params.append(ParameterSpec(field.alias or name, Any, ParameterScope.SHARED, description=field.description or "",
+                                    **extra))
+    params.append(ParameterSpec("output", Any, ParameterScope.SHARED, default=None, description="adapter, model or bundle"))
+    spec = MergeMethodSpec(name=method.name, pretty_name=method.pretty_name, reference_url=method.reference_url,
+                           parameters=tuple(params), contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1))
+
+    class FactorMergeMethod(GroupMergeMethod):
+        def __init__(self):
+            self.spec = spec
+
+        def merge_group(self, group, /, **_params):
+            raise RuntimeError(
+                f"{method.name} merges LoRA factors, but mergekit handed it dense tensors ({group.metadata.name}); "
+                "run the recipe with mergekit-yaml or mergekit-lowrank, whose inputs are LoRA adapters"
+            )
+
+    return FactorMergeMethod()
+
+
+def register_methods() -> list[str]:
+    """Register every method mergekit does not already have (idempotent); returns the names added."""
+    from mergekit.merge_methods import register, registered_methods
+
+    from ..registry import list_methods
+
+    have = {m.spec.name for m in registered_methods()}
+    added = []
+    for method in list_methods():
+        if method.in_mergekit and method.name not in have:
+            register(mergekit_method(method))
+            added.append(method.name)
+    if "lore" not in have:
+        try:
+            from ..methods.lore import mergekit_method as lore_method
+
+            register(lore_method())
+            added.append("lore")
+        except Exception as e:  # LoRE must never take mergekit's own methods down with it
+            warnings.warn(f"mergekit-lowrank: method 'lore' not registered: {e!r}", stacklevel=2)
+    return added
