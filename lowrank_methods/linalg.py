@@ -130,3 +130,66 @@ def truncate(svd: LowRankSVD, rank: int | float | None, shape: tuple[int, int]) 
     else:
         k = min(int(rank), exact)
     return svd.factors(k), {"rank": float(k), "retained_energy": svd.retained_energy(k)}
+
+
+def _top_left(X: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k left singular vectors of X (p×N), from the SVD of whichever side is thinner."""
+    if X.shape[0] <= X.shape[1]:
+        return torch.linalg.svd(X.T, full_matrices=False)[2][:k].T
+    return torch.linalg.svd(X, full_matrices=False)[0][:, :k]
+
+
+def tucker2(cores: torch.Tensor, rank: int, tol: float = 1e-6, max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial Tucker-2 of the stack 𝓜 (T, p, q) on modes (p, q) by HOOI with SVD init (tensorly's partial_tucker):
+
+        max over orthonormal U0 (p×r0), U1 (q×r1) of Σ_t ‖U0ᵀ M_t U1‖²,   r0 = min(rank, p), r1 = min(rank, q).
+
+    Alternates U0 ← top-r0 lsv [M_t U1]_t, U1 ← top-r1 lsv [M_tᵀ U0]_t; stops when the relative error
+    √|‖𝓜‖² − ‖core‖²|/‖𝓜‖ changes by less than ``tol`` (checked from the third iteration, as tensorly does).
+    """
+    T, p, q = cores.shape
+    r0, r1 = min(rank, p), min(rank, q)
+    U0 = _top_left(cores.permute(1, 0, 2).reshape(p, T * q), r0)
+    U1 = _top_left(cores.permute(2, 0, 1).reshape(q, T * p), r1)
+    total = float(cores.square().sum())
+    if total == 0 or (r0 == p and r1 == q):
+        return U0, U1
+    errors: list[float] = []
+    for _ in range(max_iter):
+        U0 = _top_left((cores @ U1).permute(1, 0, 2).reshape(p, T * r1), r0)
+        MtU0 = cores.transpose(1, 2) @ U0  # (T, q, r0)
+        U1 = _top_left(MtU0.permute(1, 0, 2).reshape(q, T * r0), r1)
+        kept = float((U1.T @ MtU0).square().sum())
+        errors.append(abs(total - kept) ** 0.5 / total**0.5)
+        if len(errors) > 2 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    return U0, U1
+
+
+def weighted(factors: Sequence[LoraFactors], coeffs: Sequence[float]) -> list[LoraFactors]:
+    """Each task's update scaled by its coefficient (on B): c_t B_t A_t."""
+    return [LoraFactors(f.A, c * f.B) for c, f in zip(coeffs, factors)]
+
+
+def svd_in_bases(U: torch.Tensor, M: torch.Tensor, V: torch.Tensor) -> LowRankSVD:
+    """SVD of U M V for U, Vᵀ with orthonormal columns: only the small M is decomposed."""
+    u, s, vh = torch.linalg.svd(M, full_matrices=False)
+    return LowRankSVD(U @ u, s, vh @ V)
+
+
+def factored_core_space(factors: Sequence[LoraFactors]) -> tuple[torch.Tensor, CoreSpace, torch.Tensor]:
+    """``core_space`` with its bases kept as products, so only the final lift touches m or n:
+
+        B_cat = Q_B R_B, A_catᵀ = Q_A R_A (thin QRs);  U_B = Q_B u, V_A = v Q_Aᵀ (u, vᵀ: lsv of R_B, R_A)
+        M_t = uᵀ R_B[:, t] R_A[:, t]ᵀ vᵀ   (the same cores as core_space: ΔW_t = Q_B (u M_t v) Q_Aᵀ)
+
+    Returns Q_B (m×R'), CoreSpace(u, v, cores) in QR coordinates, Q_Aᵀ (R''×n).
+    """
+    B, A = stack_factors(factors)
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    u = torch.linalg.svd(Rb, full_matrices=False)[0]
+    v = torch.linalg.svd(Ra, full_matrices=False)[0].T
+    ranks = [f.rank for f in factors]
+    cores = [(u.T @ rb) @ (ra.T @ v.T) for rb, ra in zip(Rb.split(ranks, 1), Ra.split(ranks, 1))]
+    return Qb, CoreSpace(u, v, cores), Qa.T

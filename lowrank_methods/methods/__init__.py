@@ -1,3 +1,4 @@
 """One file per merge method; importing this package registers them all (see registry.py)."""
 
-from . import cat, mtc  # noqa: F401
+from . import cat, core_space, ctm, iso, knots, linear_factors, mtc, tsv  # noqa: F401
+from . import rmm  # noqa: F401,E402  (issue 7)

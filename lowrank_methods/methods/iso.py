@@ -1,0 +1,41 @@
+"""iso_c, iso_cts: Isotropic merging (Marczak et al., arXiv 2502.04959), rank-aware, on the dense updates.
+
+    Iso-C:   Σ_t w_t ΔW_t = U S Vᵀ (nonzero part)  →  ΔW* = λ mean(S) U Vᵀ
+    Iso-CTS: top-k_c common directions of the sum + s per task from each residual (I − U_c U_cᵀ) ΔW_t,
+             bases orthogonalised by polar factors, spectrum flattened to the mean of the kept singular values.
+Both are computed exactly in core space (ΔW_t = U_B M_t V_A, orthonormal bases); see docs/methods/iso_c.md.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..registry import MethodParams, ModuleResult, Rank, method
+from ..rules import RuleParams, over_present_tasks
+from .core_space import merge_in_core_space
+
+
+class IsoCParams(MethodParams):
+    rank: Rank = None
+
+
+class IsoCtsParams(IsoCParams):
+    common_space_fraction: float = Field(0.8, gt=0, le=1)
+
+
+@method("iso_c", params=IsoCParams, pretty_name="Iso-C (isotropic merging)", reference_url="https://arxiv.org/abs/2502.04959")
+@over_present_tasks
+def iso_c(factors, weights, params: IsoCParams) -> ModuleResult:
+    """Task-arithmetic sum with its nonzero singular values set to their mean (rank-aware Iso-C)."""
+    rule = RuleParams(rule="iso_c", lambda_=params.lambda_, module=params.module)
+    return merge_in_core_space(factors, weights, rule, params.rank)
+
+
+@method("iso_cts", params=IsoCtsParams, pretty_name="Iso-CTS (common + task-specific)",
+        reference_url="https://arxiv.org/abs/2502.04959")
+@over_present_tasks
+def iso_cts(factors, weights, params: IsoCtsParams) -> ModuleResult:
+    """Common and task-specific subspaces with a flat spectrum (rank-aware Iso-CTS)."""
+    rule = RuleParams(rule="iso_cts", common_space_fraction=params.common_space_fraction,
+                      lambda_=params.lambda_, module=params.module)
+    return merge_in_core_space(factors, weights, rule, params.rank)

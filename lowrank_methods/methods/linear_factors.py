@@ -1,0 +1,29 @@
+"""linear_factors: PEFT's legacy ``combination_type="linear"``, averaging A and B separately. For comparison only.
+
+    A* = Σ_t sgn(w_t) √|w_t| A_t,   B* = λ Σ_t √|w_t| B_t     ⇒   B* A* = λ Σ_t w_t ΔW_t + λ Σ_{t≠u} (cross terms)
+The cross terms B_t A_u make it a rough approximation that depends on how each update is split into factors.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import MergeError
+from ..linalg import svd_of_product, truncate
+from ..rules import over_present_tasks
+from ..registry import MethodParams, ModuleResult, method
+
+
+@method("linear_factors", params=MethodParams, pretty_name="Linear on factors (PEFT legacy, for comparison)",
+        reference_url="https://huggingface.co/docs/peft/main/en/developer_guides/model_merging")
+@over_present_tasks
+def linear_factors(factors, weights, params: MethodParams) -> ModuleResult:
+    """Weighted sums of the A's and of the B's (PEFT's `linear`); not a merge of the updates. Comparison only."""
+    ranks = {f.rank for f in factors}
+    if len(ranks) > 1:
+        raise MergeError(f"linear_factors needs every adapter to have the same rank, got ranks {sorted(ranks)}; "
+                         "use mtc, core_space or ctm instead", module=params.module or None)
+    A = sum(math.copysign(math.sqrt(abs(w)), w) * f.A for f, w in zip(factors, weights))
+    B = params.lambda_ * sum(math.sqrt(abs(w)) * f.B for f, w in zip(factors, weights))
+    merged, stats = truncate(svd_of_product(B, A), None, factors[0].shape)
+    return ModuleResult(merged, stats)

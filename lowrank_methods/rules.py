@@ -1,0 +1,183 @@
+"""Merge rules on stacked task coordinates X (T, p, q), shared by every space.
+
+A rule maps T task matrices to one. The space is the caller's: dense ΔW_t (m×n), Core-Space cores
+M_t (R×R), CtM coordinates C_t (r×r) or KnOTS' aligned V_t (k×n). Per-adapter weights are applied
+by the caller before the rule (X_t = w_t ΔW_t, as PEFT and mergekit do), λ after it.
+
+    ta        Σ_t X_t                                                    (Ilharco et al. 2212.04089)
+    ties      trim each X_t to its top-`density` magnitudes, elect γ = sign(Σ_t X̂_t),
+              mean of the entries agreeing with γ                         (Yadav et al. 2306.01708)
+    dare      Σ_t X_t ⊙ m_t / (1-p),  m_t ~ Bernoulli(1-p)               (Yu et al. 2311.03099)
+    dare_ties DARE drop-and-rescale, then TIES
+    tsv       per-task top singular triplets, U and V orthogonalised by their polar factors
+                                                                          (Gargiulo et al. 2412.00081)
+    iso_c     Σ_t X_t with its nonzero spectrum flattened to its mean     (Marczak et al. 2502.04959)
+    iso_cts   common subspace of Σ_t X_t + task-specific residual directions, flattened spectrum
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt
+
+from .factors import LoraFactors
+from .linalg import numerical_rank, polar
+from .registry import MethodParams, ModuleResult
+
+RuleName = Literal["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts"]
+SignMethod = Literal["total", "frequency"]
+
+
+class RuleParams(MethodParams):
+    """The merge rule and its parameters, shared by every method that takes ``rule:``."""
+
+    rule: RuleName = "ties"
+    density: float = Field(0.2, gt=0, le=1, description="TIES: fraction of each task's entries kept (by magnitude)")
+    drop_rate: float = Field(0.1, ge=0, lt=1, description="DARE: probability p of dropping an entry")
+    seed: int = Field(0, description="DARE: seed; each module draws from (seed, module name)")
+    majority_sign_method: SignMethod = Field("total", description="TIES sign election: sum of values or count of signs")
+    common_space_fraction: float = Field(0.8, gt=0, le=1, description="Iso-CTS: share of the spectrum kept common")
+    tsv_components: PositiveInt | None = Field(None, description="TSV: singular triplets kept per task (None: min(p,q)/T)")
+
+
+def module_generator(params: RuleParams, device, stream: str = "") -> torch.Generator:
+    """A private generator seeded from (seed, module name[, stream]) by CRC32: same recipe → same draws,
+    no global state. (Draws are reproducible per device type; CPU and CUDA streams differ.)"""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(zlib.crc32(f"{params.seed}:{params.module}{stream}".encode()))
+    return gen
+
+
+def over_present_tasks(fn):
+    """An adapter that lacks a module (rank 0) is not a task there: drop it before T, norms or k are counted,
+    so it changes nothing; with no task left the result is the rank-0 update."""
+
+    @functools.wraps(fn)
+    def wrapper(factors, weights, params):
+        kept = [(f, w) for f, w in zip(factors, weights) if f.rank > 0]
+        if not kept:
+            f = factors[0]
+            return ModuleResult(LoraFactors.zeros(f.shape, f.A.dtype, f.A.device), {"rank": 0.0, "retained_energy": 1.0})
+        return fn([f for f, _ in kept], [w for _, w in kept], params)
+
+    return wrapper
+
+
+def apply_rule(X: torch.Tensor, params: RuleParams) -> torch.Tensor:
+    """Merge the (already weighted) stack X (T, p, q) with ``params.rule``; λ is the caller's."""
+    rule = params.rule
+    if rule == "ta":
+        return task_arithmetic(X)
+    if rule == "ties":
+        return ties(X, params.density, params.majority_sign_method)
+    if rule in ("dare", "dare_ties"):
+        dropped = dare(X, params.drop_rate, module_generator(params, X.device))
+        return task_arithmetic(dropped) if rule == "dare" else ties(dropped, params.density, params.majority_sign_method)
+    if rule == "tsv":
+        return tsv(X, params.tsv_components)
+    if rule == "iso_c":
+        return iso_c(X)
+    if rule == "iso_cts":
+        return iso_cts(X, params.common_space_fraction)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+# -- elementwise rules -------------------------------------------------------------------------------
+def task_arithmetic(X: torch.Tensor) -> torch.Tensor:
+    """Σ_t X_t."""
+    return X.sum(0)
+
+
+def magnitude_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
+    """The k-th largest |x| with k = max(1, ⌊density·numel⌋); entries with |x| ≥ it are kept (ties kept too)."""
+    flat = x.abs().flatten()
+    keep = max(1, int(density * flat.numel()))
+    if keep >= flat.numel():
+        return flat.new_zeros(())
+    return torch.kthvalue(flat, flat.numel() - keep + 1).values
+
+
+def trim(X: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES step 1: keep each task's top-`density` entries by magnitude, zero the rest."""
+    if density >= 1 or X.numel() == 0:
+        return X
+    thresholds = torch.stack([magnitude_threshold(x, density) for x in X]).reshape(-1, *([1] * (X.ndim - 1)))
+    return X * (X.abs() >= thresholds)
+
+
+def elect_and_merge(X: torch.Tensor, majority_sign_method: SignMethod = "total") -> torch.Tensor:
+    """TIES steps 2-3: γ = sign(Σ_t X_t) (or of Σ_t sign X_t), ties → +; mean over the nonzero entries agreeing with γ."""
+    sign = X.sign()
+    votes = X.sum(0) if majority_sign_method == "total" else sign.sum(0)
+    majority = torch.where(votes >= 0, 1.0, -1.0).to(X.dtype)
+    agree = sign == majority
+    return (X * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def ties(X: torch.Tensor, density: float, majority_sign_method: SignMethod = "total") -> torch.Tensor:
+    """TIES-Merging: trim, elect sign, disjoint mean."""
+    return elect_and_merge(trim(X, density), majority_sign_method)
+
+
+def dare(X: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Drop each entry with probability p, rescale the survivors by 1/(1-p): E[dare(X)] = X."""
+    if drop_rate == 0:
+        return X
+    keep = torch.rand(X.shape, generator=generator, device=X.device, dtype=X.dtype) >= drop_rate
+    return X * keep / (1 - drop_rate)
+
+
+# -- spectral rules ----------------------------------------------------------------------------------
+def _svd(X: torch.Tensor, k: int | None = None):
+    """Thin SVD keeping at most k of the numerically nonzero triplets (rank-aware: null vectors are arbitrary)."""
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    r = numerical_rank(S, tuple(X.shape))
+    r = r if k is None else min(k, r)
+    return U[:, :r], S[:r], Vh[:r]
+
+
+def tsv(X: torch.Tensor, components: int | None = None) -> torch.Tensor:
+    """TSV-M: keep k = ⌊min(p,q)/T⌋ (≥1) triplets per task, capped at the task's rank;
+    ΔW* = polar(U_cat) diag(S_cat) polar(V_cat)."""
+    T, p, q = X.shape
+    k = components if components is not None else max(1, min(p, q) // T)
+    parts = [_svd(x, k) for x in X]
+    U = torch.cat([u for u, _, _ in parts], 1)
+    if U.shape[1] == 0:
+        return X.new_zeros(p, q)
+    S = torch.cat([s for _, s, _ in parts])
+    Vh = torch.cat([vh for _, _, vh in parts], 0)
+    return (polar(U) * S) @ polar(Vh)
+
+
+def iso_c(X: torch.Tensor) -> torch.Tensor:
+    """Iso-C, rank-aware: Σ_t X_t = U S Vᵀ → mean(S) U Vᵀ over the nonzero singular values only."""
+    U, S, Vh = _svd(X.sum(0))
+    if S.numel() == 0:
+        return X.new_zeros(X.shape[1:])
+    return S.mean() * (U @ Vh)
+
+
+def iso_cts(X: torch.Tensor, common_space_fraction: float = 0.8) -> torch.Tensor:
+    """Iso-CTS, rank-aware: D = rank(Σ X_t) directions, k_c of them common (top of Σ X_t) and s per task
+    (top of X_t minus its common part); both bases orthogonalised by polar factors, spectrum flattened."""
+    T = X.shape[0]
+    U, S, Vh = _svd(X.sum(0))
+    D = S.numel()
+    if D == 0:
+        return X.new_zeros(X.shape[1:])
+    k_c = int(D * common_space_fraction)
+    s = min(round((D - k_c) / T), D // T)  # reference: round((D - k_c)/T) dims per task, then k_c = D - s·T
+    k_c = D - s * T
+    Uc, Sc, Vc = U[:, :k_c], S[:k_c], Vh[:k_c]
+    us, ss, vs = [Uc], [Sc], [Vc]
+    if s > 0:
+        for x in X:
+            u, sig, vh = _svd(x - Uc @ (Uc.T @ x), s)
+            us.append(u), ss.append(sig), vs.append(vh)
+    sigma = torch.cat(ss).mean()
+    return sigma * (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 0)))

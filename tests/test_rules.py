@@ -1,0 +1,178 @@
+"""The merge rules (lowrank_methods/rules.py) against dense references written here, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from lowrank_methods.errors import MergeError
+from lowrank_methods.linalg import tucker2
+from lowrank_methods.registry import get_method
+from lowrank_methods.rules import RuleParams, apply_rule, dare, iso_c, iso_cts, module_generator, ties, tsv
+
+D = torch.float64
+
+
+def low_rank_stack(ranks, m=12, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(m, r, generator=g, dtype=D) @ torch.randn(r, n, generator=g, dtype=D) for r in ranks])
+
+
+def polar_ref(X):
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U @ Vh
+
+
+def rank_of(X):
+    return int(torch.linalg.matrix_rank(X))
+
+
+# -- TIES ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["total", "frequency"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2])
+def test_ties_matches_peft(method, density):
+    X = torch.randn(4, 7, 9, generator=torch.Generator().manual_seed(1), dtype=D)
+    ref = merge_utils.ties(list(X), torch.ones(4, dtype=D), density, method)
+    torch.testing.assert_close(ties(X, density, method), ref, rtol=0, atol=1e-12)
+
+
+def test_ties_written_out():
+    """Trim to top-50%, γ = sign(Σ), mean of agreeing nonzero entries: a 1-D case worked by hand."""
+    X = torch.tensor([[4.0, -1.0, 3.0, 0.5], [-2.0, 2.0, 1.0, -6.0], [1.0, -3.0, -0.1, 5.0]], dtype=D)[:, None, :]
+    # trimmed: [4,0,3,0], [-2,0,0,-6], [0,-3,0,5]; Σ = [2,-3,3,-1] → γ = [+,-,+,-]
+    expected = torch.tensor([4.0, -3.0, 3.0, -6.0], dtype=D)
+    torch.testing.assert_close(ties(X, 0.5, "total")[0], expected)
+
+
+def test_ties_identical_inputs_density_one_is_identity():
+    x = torch.randn(6, 5, dtype=D)
+    torch.testing.assert_close(ties(torch.stack([x, x, x]), 1.0), x, rtol=1e-15, atol=0)  # (x+x+x)/3 rounds
+    assert torch.equal(ties(x[None], 1.0), x)
+
+
+# -- DARE ----------------------------------------------------------------------------------------------
+def test_dare_p0_is_identity():
+    X = torch.randn(3, 4, 5, dtype=D)
+    assert torch.equal(dare(X, 0.0, torch.Generator().manual_seed(0)), X)
+    assert torch.equal(apply_rule(X, RuleParams(rule="dare", drop_rate=0.0)), X.sum(0))
+
+
+def test_dare_is_unbiased_over_seeds():
+    X = torch.randn(1, 4, 5, dtype=D, generator=torch.Generator().manual_seed(3))
+    n = 4000
+    mean = sum(apply_rule(X, RuleParams(rule="dare", drop_rate=0.5, seed=s)) for s in range(n)) / n
+    # per entry: E = x, std of the mean = |x| √(p/(1-p)) / √n = |x|/√n
+    assert ((mean - X[0]).abs() <= 5 * X[0].abs() / n**0.5).all()
+
+
+def test_dare_drops_the_requested_fraction_and_rescales():
+    X = torch.ones(2, 200, 100, dtype=D)
+    out = dare(X, 0.3, torch.Generator().manual_seed(0))
+    kept = out != 0
+    assert abs(kept.double().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+
+
+def test_seeded_rules_are_deterministic_per_module_and_ignore_global_rng():
+    X = torch.randn(3, 8, 8, dtype=D)
+    p = RuleParams(rule="dare_ties", seed=7, module="layers.0.q_proj", density=0.5)
+    torch.manual_seed(0)
+    a = apply_rule(X, p)
+    torch.manual_seed(123)
+    torch.rand(10)
+    assert torch.equal(apply_rule(X, p), a)
+    assert not torch.equal(apply_rule(X, p.model_copy(update={"module": "layers.1.q_proj"})), a)
+    assert not torch.equal(apply_rule(X, p.model_copy(update={"seed": 8})), a)
+    g1, g2 = module_generator(p, "cpu"), module_generator(p, "cpu")
+    assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+
+
+@pytest.mark.parametrize("bad", [{"density": 0}, {"density": 1.5}, {"drop_rate": 1.0}, {"drop_rate": -0.1},
+                                 {"majority_sign_method": "max"}, {"rule": "slerp"}, {"common_space_fraction": 0}])
+def test_rule_parameters_are_validated(bad):
+    with pytest.raises(MergeError, match="bad parameters for method 'core_space'"):
+        get_method("core_space").parse_params(bad)
+
+
+# -- TSV -----------------------------------------------------------------------------------------------
+def tsv_reference(X, k):
+    """TSV-M from the paper: per task top-k_t SVD (k_t = min(k, rank)), polar(U_cat) diag(S_cat) polar(V_cat)."""
+    Us, Ss, Vs = [], [], []
+    for x in X:
+        U, S, Vh = torch.linalg.svd(x)
+        kt = min(k, rank_of(x))
+        Us.append(U[:, :kt]), Ss.append(S[:kt]), Vs.append(Vh[:kt])
+    return polar_ref(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ polar_ref(torch.cat(Vs, 0))
+
+
+def test_tsv_single_task_is_identity():
+    X = low_rank_stack([4])
+    torch.testing.assert_close(tsv(X), X[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ranks,k", [((2, 3, 1), None), ((2, 3, 4), 2), ((3, 3), 3)])
+def test_tsv_matches_dense_reference(ranks, k):
+    X = low_rank_stack(ranks)
+    kk = k if k is not None else min(X.shape[1:]) // len(ranks)
+    torch.testing.assert_close(tsv(X, k), tsv_reference(X, kk), rtol=0, atol=1e-10)
+
+
+def test_tsv_of_orthogonal_tasks_is_task_arithmetic():
+    Q1 = torch.linalg.qr(torch.randn(12, 6, dtype=D))[0]
+    Q2 = torch.linalg.qr(torch.randn(10, 6, dtype=D))[0]
+    X = torch.stack([Q1[:, 2 * t:2 * t + 2] @ torch.randn(2, 2, dtype=D) @ Q2[:, 2 * t:2 * t + 2].T for t in range(3)])
+    torch.testing.assert_close(tsv(X), X.sum(0), rtol=0, atol=1e-12)
+
+
+# -- Iso-C / Iso-CTS -----------------------------------------------------------------------------------
+def test_iso_c_has_a_flat_spectrum_on_the_support_of_the_sum():
+    X = low_rank_stack([2, 3, 1])
+    out = iso_c(X)
+    S_in = torch.linalg.svdvals(X.sum(0))[:6]
+    S_out = torch.linalg.svdvals(out)
+    torch.testing.assert_close(S_out[:6], torch.full((6,), float(S_in.mean()), dtype=D), rtol=0, atol=1e-12)
+    assert S_out[6:].abs().max() < 1e-12
+    # same singular subspaces as the sum
+    U = torch.linalg.svd(X.sum(0))[0][:, :6]
+    torch.testing.assert_close(U @ (U.T @ out), out, rtol=0, atol=1e-12)
+
+
+def iso_cts_reference(X, fraction):
+    """Iso-CTS from the paper, rank-aware (D = rank of the sum instead of min(m, n))."""
+    T = X.shape[0]
+    U, S, Vh = torch.linalg.svd(X.sum(0))
+    Dm = rank_of(X.sum(0))
+    kc = int(Dm * fraction)
+    s = round((Dm - kc) / T)
+    kc = Dm - s * T
+    Us, Ss, Vs = [U[:, :kc]], [S[:kc]], [Vh[:kc]]
+    for x in X:
+        Rt = x - U[:, :kc] @ U[:, :kc].T @ x
+        u, sig, vh = torch.linalg.svd(Rt)
+        st = min(s, rank_of(Rt))
+        Us.append(u[:, :st]), Ss.append(sig[:st]), Vs.append(vh[:st])
+    return torch.cat(Ss).mean() * polar_ref(torch.cat(Us, 1)) @ polar_ref(torch.cat(Vs, 0))
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
+def test_iso_cts_matches_dense_reference(fraction):
+    X = low_rank_stack([2, 3, 1, 2])
+    torch.testing.assert_close(iso_cts(X, fraction), iso_cts_reference(X, fraction), rtol=0, atol=1e-10)
+
+
+def test_iso_cts_with_common_fraction_one_is_iso_c():
+    X = low_rank_stack([2, 3, 1])
+    torch.testing.assert_close(iso_cts(X, 1.0), iso_c(X), rtol=0, atol=1e-12)
+
+
+# -- Tucker-2 ------------------------------------------------------------------------------------------
+def test_tucker2_recovers_an_exact_multilinear_rank():
+    g = torch.Generator().manual_seed(0)
+    P = torch.linalg.qr(torch.randn(9, 3, generator=g, dtype=D))[0]
+    Q = torch.linalg.qr(torch.randn(8, 3, generator=g, dtype=D))[0]
+    cores = P @ torch.randn(5, 3, 3, generator=g, dtype=D) @ Q.T
+    U0, U1 = tucker2(cores, 3)
+    torch.testing.assert_close(U0 @ U0.T, P @ P.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(U1 @ U1.T, Q @ Q.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(U0.T @ U0, torch.eye(3, dtype=D), rtol=0, atol=1e-12)
