@@ -22,41 +22,13 @@ def stack_factors(factors: Sequence[LoraFactors], coeffs: Sequence[float] | None
     return B, A
 
 
-def left_basis(X: torch.Tensor) -> torch.Tensor:
-    """Left singular vectors of a tall-or-wide X (m×R), thin: QR first, then an SVD of the small factor.
-
-    Same columns (up to sign) as ``torch.linalg.svd(X, full_matrices=False)[0]``, at O(m·R²).
-    """
-    m, R = X.shape
-    if R == 0:
-        return X.new_zeros(m, 0)
-    if m <= R:
-        return torch.linalg.svd(X, full_matrices=False)[0]
-    Q, Rf = torch.linalg.qr(X)
-    U, _, _ = torch.linalg.svd(Rf, full_matrices=False)
-    return Q @ U
-
-
 @dataclass
 class CoreSpace:
-    """Orthonormal bases U_B (m×R_B), V_A (R_A×n) with ΔW_t = U_B M_t V_A exactly."""
+    """Core matrices M_t with orthonormal bases u, v in the stacks' QR coordinates (see factored_core_space)."""
 
     U: torch.Tensor
     V: torch.Tensor
     cores: list[torch.Tensor]
-
-    def lift(self, M: torch.Tensor) -> LoraFactors:
-        """U M V as factors, rank ≤ R (B = U M, A = V)."""
-        return LoraFactors(self.V, self.U @ M)
-
-
-def core_space(factors: Sequence[LoraFactors]) -> CoreSpace:
-    """Core Space (Panariello et al. 2025): U_B = lsv(B_cat), V_A = rsv(A_cat), M_t = U_Bᵀ B_t A_t V_Aᵀ."""
-    B, A = stack_factors(factors)
-    U = left_basis(B)
-    V = left_basis(A.T).T
-    cores = [(U.T @ f.B) @ (f.A @ V.T) for f in factors]
-    return CoreSpace(U, V, cores)
 
 
 @dataclass
@@ -178,10 +150,10 @@ def svd_in_bases(U: torch.Tensor, M: torch.Tensor, V: torch.Tensor) -> LowRankSV
 
 
 def factored_core_space(factors: Sequence[LoraFactors]) -> tuple[torch.Tensor, CoreSpace, torch.Tensor]:
-    """``core_space`` with its bases kept as products, so only the final lift touches m or n:
+    """Core Space (Panariello et al. 2025) with its bases kept as products, so only the final lift touches m or n:
 
         B_cat = Q_B R_B, A_catᵀ = Q_A R_A (thin QRs);  U_B = Q_B u, V_A = v Q_Aᵀ (u, vᵀ: lsv of R_B, R_A)
-        M_t = uᵀ R_B[:, t] R_A[:, t]ᵀ vᵀ   (the same cores as core_space: ΔW_t = Q_B (u M_t v) Q_Aᵀ)
+        M_t = uᵀ R_B[:, t] R_A[:, t]ᵀ vᵀ   (so ΔW_t = U_B M_t V_A = Q_B (u M_t v) Q_Aᵀ exactly)
 
     Returns Q_B (m×R'), CoreSpace(u, v, cores) in QR coordinates, Q_Aᵀ (R''×n).
     """

@@ -124,12 +124,17 @@ def test_core_space_tsv_keeps_R_over_T_components_per_task():
 
 @pytest.mark.parametrize("ranks", [(3, 2, 4), (6, 5, 4)])  # R = 9 < min(m, n); R = 15 > min(m, n)
 def test_factored_core_space_is_lossless_and_has_the_core_space_bases(ranks):
-    from lowrank_methods.linalg import core_space, factored_core_space
+    from types import SimpleNamespace
+
+    from lowrank_methods.linalg import factored_core_space
 
     fs = random_factors(ranks, seed=7)
     Qb, core, QaT = factored_core_space(fs)
     U, V = Qb @ core.U, core.V @ QaT
-    ref = core_space(fs)
+    # the reference's bases: singular vectors of the stacked factors, M_t = U_Bᵀ B_t A_t V_Aᵀ
+    U_ref = torch.linalg.svd(torch.cat([f.B for f in fs], 1), full_matrices=False)[0]
+    V_ref = torch.linalg.svd(torch.cat([f.A for f in fs], 0), full_matrices=False)[2]
+    ref = SimpleNamespace(U=U_ref, V=V_ref, cores=[U_ref.T @ f.dense() @ V_ref.T for f in fs])
     torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=D), rtol=0, atol=1e-12)
     torch.testing.assert_close(V @ V.T, torch.eye(V.shape[0], dtype=D), rtol=0, atol=1e-12)
     su, sv = torch.sign((ref.U * U).sum(0)), torch.sign((ref.V * V).sum(1))  # singular vectors agree up to sign
