@@ -32,3 +32,8 @@ def load_adapter(path, dtype=None) -> dict:
 
     source = AdapterSource.open(path)
     return {m: source.read_module(m, dtype or torch.float32) for m in source.modules}
+
+
+from .bundle import ReversibleBundle  # noqa: E402  (issue 7: reversible bundles of merge_method rmm)
+
+__all__ += ["ReversibleBundle"]

@@ -163,6 +163,10 @@ def open_writer(recipe, out, plan, sources, *, extra_keys: list[str], dtype: tor
     """The writer for the recipe's output kind."""
     if recipe.output == "adapter":
         return AdapterWriter(out, plan.modules, extra_keys, dtype=dtype, overwrite=overwrite)
+    if recipe.output == "bundle":
+        from .bundle import BundleWriter
+
+        return BundleWriter(recipe, out, plan, sources, extra_keys=extra_keys, dtype=dtype, overwrite=overwrite)
     raise MergeError(f"output: {recipe.output} is not available for method {recipe.method.name!r}")
 
 

@@ -1,0 +1,120 @@
+"""PT-SVD inputs: full fine-tuned models become rank-r LoRA adapters of their delta to the base model.
+
+For every 2-D weight, ΔW = θ_t − θ_0 ≈ U_r S_r V_rᵀ (exact truncated SVD: the best rank-r approximation,
+Eckart–Young), written as a PEFT adapter with B = U_r √S_r, A = √S_r V_rᵀ and r == lora_alpha (scale 1).
+The engine then reads those adapters like any other, so rmm runs on them unchanged (the paper's PT-SVD setting).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import MergeError
+
+EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings)$")
+
+
+def is_full_model(path: Path) -> bool:
+    """A transformers model directory (config.json + *.safetensors) rather than a PEFT adapter."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def weight_index(path: Path) -> dict[str, Path]:
+    """Tensor name → safetensors file, over every shard of a model directory."""
+    index: dict[str, Path] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                index.update({key: file for key in f.keys()})
+        except Exception as e:
+            raise MergeError(f"cannot read {file} ({e}); the model file is corrupt or truncated") from None
+    return index
+
+
+def low_rank_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of the best rank-``rank`` approximation of a dense delta: B = U√S, A = √S Vᵀ (ranks ≤ rank)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, int((S > S[0] * max(delta.shape) * torch.finfo(S.dtype).eps).sum()) if S.numel() and S[0] > 0 else 0)
+    root = S[:k].sqrt()
+    return U[:, :k] * root, root[:, None] * Vh[:k]
+
+
+def delta_adapter(model_dir: Path, base_dir: Path, out: Path, rank: int, name: str) -> Path:
+    """Write the rank-``rank`` PT-SVD adapter of ``model_dir`` against ``base_dir`` into ``out``."""
+    tuned, base = weight_index(model_dir), weight_index(base_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for key, file in tuned.items():
+        if not key.endswith(".weight") or key not in base:
+            continue
+        W = _read(file, key)
+        if W.ndim != 2:
+            continue
+        W0 = _read(base[key], key)
+        if W0.shape != W.shape:
+            raise MergeError(f"{key} has shape {tuple(W.shape)} but {tuple(W0.shape)} in the base model; it was not "
+                             "fine-tuned from this base", adapter=name)
+        B, A = low_rank_delta(W.double() - W0.double(), rank)
+        if B.shape[1] == 0:  # untouched by fine-tuning
+            continue
+        dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        module = key.removesuffix(".weight")
+        if EMBEDDING.search(module):  # PEFT embeddings: ΔW (num, dim) = (B_e A_e)ᵀ
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = B.T.to(dtype).contiguous()
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = A.T.to(dtype).contiguous()
+        else:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A.to(dtype).contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = B.to(dtype).contiguous()
+        ranks[module] = B.shape[1]
+    if not tensors:
+        raise MergeError("no 2-D weight differs from the base model; nothing to compress", adapter=name)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != rank}
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_dir), "r": rank, "lora_alpha": rank,
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "use_rslora": False,
+        "fan_in_fan_out": False, "lora_dropout": 0.0, "bias": "none", "use_dora": False, "lora_bias": False,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def as_adapter_dirs(recipe, paths: list[Path]) -> list[Path]:
+    """The recipe's model paths with every full fine-tuned model replaced by its temporary PT-SVD adapter."""
+    full = [i for i, p in enumerate(paths) if is_full_model(p)]
+    if not full:
+        return paths
+    if recipe.method.name != "rmm":
+        raise MergeError(f"{paths[full[0]]} is a full model, not a LoRA adapter; only merge_method: rmm accepts full "
+                         "fine-tuned models (compressed by truncated SVD, svd_rank)", adapter=recipe.adapters[full[0]].name)
+    rank = recipe.settings.get("svd_rank", 16)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MergeError(f"svd_rank must be one positive integer for all modules, got {rank!r}")
+    out = list(paths)
+    scratch = Path(tempfile.mkdtemp(prefix="mergekit-lowrank-ptsvd-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    for i in full:
+        ref = recipe.adapters[i]
+        base = recipe.base_model or (ref.base.partition("@")[0] if ref.base else None)
+        if not base or not is_full_model(Path(base)):
+            raise MergeError("a full fine-tuned model needs base_model: the local directory of the model it was "
+                             "fine-tuned from (config.json + safetensors)", adapter=ref.name)
+        out[i] = delta_adapter(Path(paths[i]), Path(base), scratch / f"{i}-{ref.name}", rank, ref.name)
+    return out
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(key)
