@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.docs import write_section
 
 from lowrank_methods.methods.lore import svt
 
@@ -26,7 +27,6 @@ LAYERS = 16
 LAYER_SHAPES = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
                 "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}
 EMBED = (128256, 2048)
-MARKERS = ("<!-- lore:begin -->", "<!-- lore:end -->")
 
 
 def models(n: int, size: int, task_rank: int, device, seed: int = 0) -> list[torch.Tensor]:
@@ -106,7 +106,7 @@ def main() -> None:
     table = render(args, rows, tall, square, dev)
     print(table)
     if args.update_docs:
-        update(args.update_docs, table)
+        write_section("lore", f"## LoRE\n\n{table}", Path(args.update_docs))
 
 
 def model_seconds(square_4096: float, tall_2048x8192: float) -> float:
@@ -154,16 +154,6 @@ def render(args, rows, tall, square, dev) -> str:
                   "--update-docs docs/benchmarks.md` measures one; mergekit runs the method there with `--cuda`)."]
     return "\n".join(lines)
 
-
-def update(path: Path, table: str) -> None:
-    begin, end = MARKERS
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{begin}\n## LoRE\n\n{table}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

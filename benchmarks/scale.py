@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.docs import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # Llama-7B: (out, in) of each targeted linear layer
     "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
@@ -216,17 +218,8 @@ def render(rows: list[dict], args, size: int) -> str:
 
 
 def write_docs(table: str) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    begin, end = "<!-- scale:begin -->", "<!-- scale:end -->"
     command = "python -m benchmarks.scale " + " ".join(sys.argv[1:])
-    block = f"{begin}\n## Scale: Llama-7B-shaped adapters\n\nCommand: `{command}`\n\n{table}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    docs.parent.mkdir(exist_ok=True)
-    docs.write_text(text)
+    write_section("scale", f"## Scale: Llama-7B-shaped adapters\n\nCommand: `{command}`\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from .errors import MergeError
 from .factors import AdapterSource, LoraFactors, ModuleLayout, check_compatible
 from .recipe import Recipe
-from .registry import ModuleResult
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import dense_delta, write_adapter, write_recipe
 
