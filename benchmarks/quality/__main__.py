@@ -1,0 +1,83 @@
+"""python -m benchmarks.quality: merge the bundled MiniLM adapters with every method, score every task, report.
+
+Prints the table; saves the raw result as JSON under benchmarks/quality/results/, and rewrites the quality
+section of docs/benchmarks.md and docs/img/quality.png from all saved results. Adapters are rebuilt by
+``python -m benchmarks.quality.train`` (about 15 min per set); this command only merges and evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_LAMBDAS = (0.5, 1.0)
+
+
+def main(argv=None) -> None:
+    from .train import EXAMPLE_DIR, SETS
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=[*SETS, "all"], default="main",
+                        help="adapter set: main (rank 16), mixed (ranks 4/8/16), rslora (rank 8, use_rslora), or all")
+    parser.add_argument("--methods", default="", help="comma-separated labels or method names to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help=f"λ ∈ {QUICK_LAMBDAS} only, no second-stage search")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's add_weighted_adapter peers")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not touch results/ or docs/")
+    parser.add_argument("--val-per-task", type=int, default=100,
+                        help="validation items per task used to choose λ/density (default 100 of 200; 0 = all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate the docs from results/*.json")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        from .report import publish
+
+        return publish(RESULTS, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "quality.png")
+
+    from . import tasks as task_data
+    from .evaluate import Evaluator
+    from .harness import run_benchmark
+    from .model import load_minilm
+    from .report import table
+
+    torch.set_num_threads(args.threads)
+    evaluator = Evaluator(load_minilm(), task_data.load(), validation_limit=args.val_per_task or None)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+    for set_name in SETS if args.set == "all" else [args.set]:
+        adapters = EXAMPLE_DIR / SETS[set_name].directory
+        dirs = {t: adapters / t for t in evaluator.tasks}
+        result = run_benchmark(evaluator, dirs, set_name=set_name, methods=methods, peers=not args.no_peft,
+                               quick=QUICK_LAMBDAS if args.quick else None,
+                               on_row=lambda r: None if args.no_docs else save(r, args, argv))
+        print(f"\n## adapter set `{set_name}` ({result.seconds / 60:.1f} min)\n")
+        print(table(result))
+
+
+def save(result, args, argv) -> None:
+    """Write results/<set>.json and regenerate the docs section (after every candidate: partial runs keep rows)."""
+    from .report import publish
+
+    RESULTS.mkdir(exist_ok=True)
+    record = {"result": {**asdict(result), "complete": result.complete},
+              "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else _argv()),
+              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+              "date": time.strftime("%Y-%m-%d")}
+    (RESULTS / f"{result.set_name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    publish(RESULTS, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "quality.png")
+
+
+def _argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+if __name__ == "__main__":
+    main()

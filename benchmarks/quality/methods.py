@@ -1,0 +1,147 @@
+"""The contenders: every registered method of this package (one per rule), and PEFT's own merges as peers.
+
+A ``Candidate`` turns parameter values into per-module updates ΔW (``Merged``). Merge spaces (ctm, core_space,
+knots, mtc) run once per rule. The grid is declared once for all: λ over ``LAMBDAS`` first, then, at the best
+λ, the rule's own knob (TIES density, DARE drop rate) over ``SECOND_STAGE``.
+Methods are listed from the registry at run time, so methods added later are picked up.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, get_args
+
+import torch
+
+from lowrank_methods.factors import AdapterSource, LoraFactors
+from lowrank_methods.registry import list_methods
+
+LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
+SECOND_STAGE = {"density": (0.1, 0.2, 0.5), "drop_rate": (0.1, 0.5)}
+USES = {"density": {None, "ties", "dare_ties"}, "drop_rate": {None, "dare", "dare_ties"}}  # which rules read a knob
+OUTPUT_RANK = 16  # the adapters' rank: the compressed output of mtc and of PEFT's svd merges
+FIXED = {"mtc": {"rank": OUTPUT_RANK}, "linear": {"lambda": (1.0,)}}  # mtc's default (exact) equals task_arithmetic
+PEFT_COMBINATIONS = ("svd", "ties_svd", "cat", "linear")
+
+
+@dataclass
+class Merged:
+    """Per-module updates (LoraFactors or dense ΔW) with the merge wall time, output rank and fp16 size."""
+
+    deltas: dict[str, LoraFactors | torch.Tensor]
+    seconds: float
+    rank: int
+    size_mb: float
+
+
+@dataclass
+class Candidate:
+    label: str
+    source: str  # "lowrank_methods" or "peft"
+    merge: Callable[[dict], Merged]
+    fixed: dict = field(default_factory=dict)
+    lambdas: tuple[float, ...] = LAMBDAS
+    second_stage: dict[str, tuple] = field(default_factory=dict)
+    fields: dict = field(default_factory=dict)  # the method's pydantic fields (their defaults start the search)
+    primary: bool = True  # the method's default rule (False: another rule of the same merge space)
+
+
+def load_factors(adapter_dirs: list[Path], dtype=torch.float32) -> dict[str, list[LoraFactors]]:
+    """module -> one LoraFactors per adapter (rank 0 where an adapter lacks the module)."""
+    sources = [AdapterSource.open(d) for d in adapter_dirs]
+    out: dict[str, list] = {}
+    for i, source in enumerate(sources):
+        for module in source.modules:
+            out.setdefault(module, [None] * len(sources))[i] = source.read_module(module, dtype)
+    for factors in out.values():
+        shape = next(f.shape for f in factors if f is not None)
+        factors[:] = [f if f is not None else LoraFactors.zeros(shape, dtype) for f in factors]
+    return out
+
+
+def size_mb(factors: dict[str, LoraFactors]) -> float:
+    return sum((f.shape[0] + f.shape[1]) * f.rank for f in factors.values()) * 2 / 1e6
+
+
+# -- this package --------------------------------------------------------------------------------
+def package_candidates(factors: dict[str, list[LoraFactors]], weights: list[float]) -> list[Candidate]:
+    out = []
+    for method in list_methods():
+        if method.output == "bundle":
+            continue
+        fields = method.params.model_fields
+        # Every rule of the merge spaces; mergekit's own names (task_arithmetic, linear) at their default rule only.
+        rules = get_args(fields["rule"].annotation) if "rule" in fields and method.in_mergekit else (None,)
+        fixed = dict(FIXED.get(method.name, {}))
+        lambdas = fixed.pop("lambda", LAMBDAS)
+        for rule in rules:
+            values = {**fixed, **({"rule": rule} if rule else {})}
+            effective = rule or (fields["rule"].default if "rule" in fields else None)
+            stage = {k: v for k, v in SECOND_STAGE.items() if k in fields and effective in USES[k]}
+            label = f"{method.name}[{rule}]" if rule else method.name
+            primary = rule is None or rule == fields["rule"].default
+            out.append(Candidate(label, "lowrank_methods", _package_merge(method, factors, weights), values, lambdas, stage,
+                                 fields, primary))
+    return out
+
+
+def _package_merge(method, factors, weights):
+    def merge(values: dict) -> Merged:
+        merged, seconds = {}, 0.0
+        for module, fs in factors.items():
+            params = method.parse_params({**values, "module": module})
+            t0 = time.perf_counter()
+            result = method.fn(fs, weights, params)
+            seconds += time.perf_counter() - t0
+            merged[module] = result.factors
+        return Merged(merged, seconds, max(f.rank for f in merged.values()), size_mb(merged))
+
+    return merge
+
+
+# -- PEFT's own code on the same adapters ---------------------------------------------------------------
+class PeftPeers:
+    """All adapters loaded into one PeftModel; each merge is ``add_weighted_adapter`` with weights [λ]·T."""
+
+    def __init__(self, base_model: torch.nn.Module, adapter_dirs: list[Path]):
+        from peft import PeftModel
+
+        self.names = [f"a{i}" for i in range(len(adapter_dirs))]
+        self.model = PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dirs[0], adapter_name=self.names[0])
+        for name, d in zip(self.names[1:], adapter_dirs[1:]):
+            self.model.load_adapter(d, adapter_name=name)
+        self._count = 0
+
+    def candidates(self) -> list[Candidate]:
+        fixed = {"ties_svd": {"density": 0.2}}  # PEFT has no default density; 0.2 as our rules
+        stage = {"ties_svd": {"density": SECOND_STAGE["density"]}}
+        return [Candidate(f"peft:{c}", "peft", self._merge(c), fixed.get(c, {}), LAMBDAS, stage.get(c, {}))
+                for c in PEFT_COMBINATIONS]
+
+    def _merge(self, combination: str):
+        def merge(values: dict) -> Merged:
+            from peft.tuners.lora import LoraLayer
+
+            self._count += 1
+            name = f"merged{self._count}"
+            kwargs = {"svd_rank": OUTPUT_RANK, "svd_full_matrices": False} if combination.endswith("svd") else {}
+            if "density" in values:
+                kwargs["density"] = values["density"]
+            t0 = time.perf_counter()
+            self.model.add_weighted_adapter(self.names, [values["lambda"]] * len(self.names), name,
+                                            combination_type=combination, **kwargs)
+            seconds = time.perf_counter() - t0
+            deltas = {}
+            with torch.no_grad():
+                for module_name, layer in self.model.base_model.model.named_modules():
+                    if isinstance(layer, LoraLayer) and name in layer.lora_A:
+                        deltas[module_name] = layer.get_delta_weight(name).detach().clone()
+            rank = self.model.peft_config[name].r
+            size = sum((d.shape[0] + d.shape[1]) * rank for d in deltas.values()) * 2 / 1e6
+            self.model.delete_adapter(name)
+            return Merged(deltas, seconds, rank, size)
+
+        return merge
