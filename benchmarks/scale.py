@@ -159,6 +159,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default=str(ROOT / ".bench" / "scale"))
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    p.add_argument("--max-rss-gib", type=float, default=None,
+                   help="fail if any of our merges peaks above this resident memory (the memory bound under test)")
     # child mode
     p.add_argument("--child", choices=["ours", "peft"])
     p.add_argument("--method")
@@ -201,6 +203,9 @@ def main(argv=None):
     print(table)
     if args.write_docs:
         write_docs(table)
+    over = [r for r in rows if args.max_rss_gib and not r["method"].startswith("PEFT") and r["rss_gib"] > args.max_rss_gib]
+    if over:
+        sys.exit(f"peak RSS above {args.max_rss_gib} GiB: " + ", ".join(f"{r['method']} {r['rss_gib']:.2f} GiB" for r in over))
 
 
 def render(rows: list[dict], args, size: int) -> str:

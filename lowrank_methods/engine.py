@@ -141,9 +141,9 @@ def run_merge(
     extras = _carried_tensors(sources)
     writer = open_writer(recipe, out, plan, sources, extra_keys=list(extras), dtype=out_dtype, overwrite=overwrite)
     try:
-        load = _module_loader(sources, plan, compute_dtype)
-        for module, factors in tqdm(_prefetched(plan.modules, load), total=len(plan.modules), desc="merging modules",
-                                    unit="module", disable=quiet):
+        for module, stored in tqdm(_prefetched(plan.modules, _module_reader(sources)), total=len(plan.modules),
+                                   desc="merging modules", unit="module", disable=quiet):
+            factors = _to_factors(sources, plan, module, stored, compute_dtype)
             t = plan.t(module)
             params = recipe.params_for(module, t)
             weights = recipe.weights_for(module, t)
@@ -167,25 +167,33 @@ def run_merge(
     return report
 
 
-def _module_loader(sources: list[AdapterSource], plan: Plan, dtype: torch.dtype) -> Callable[[str], list[LoraFactors]]:
-    def load(module: str) -> list[LoraFactors]:
-        shape = plan.layouts[module].shape
-        return [src.read_module(module, dtype) if module in src.keys else LoraFactors.zeros(shape, dtype) for src in sources]
+def _module_reader(sources: list[AdapterSource]) -> Callable[[str], list]:
+    """Reads one module's stored tensors from every adapter: file I/O only, so the prefetch thread never
+    competes with the merge for torch's intra-op threads (that oversubscription made small-SVD methods 3× slower)."""
 
-    return load
+    def read(module: str) -> list:
+        return [src.read_stored(module) if module in src.keys else None for src in sources]
+
+    return read
 
 
-def _prefetched(modules: list[str], load: Callable[[str], list[LoraFactors]]) -> Iterator[tuple[str, list[LoraFactors]]]:
-    """Yield (module, factors) while a worker thread already reads the next module."""
+def _to_factors(sources: list[AdapterSource], plan: Plan, module: str, stored: list, dtype: torch.dtype) -> list[LoraFactors]:
+    shape = plan.layouts[module].shape
+    return [src.to_factors(module, *parts, dtype=dtype) if parts is not None else LoraFactors.zeros(shape, dtype)
+            for src, parts in zip(sources, stored)]
+
+
+def _prefetched(modules: list[str], load: Callable[[str], list]) -> Iterator[tuple[str, list]]:
+    """Yield (module, what ``load`` returned) while a worker thread already reads the next module."""
     if not modules:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         pending = pool.submit(load, modules[0])
         for i, module in enumerate(modules):
-            factors = pending.result()
+            loaded = pending.result()
             if i + 1 < len(modules):
                 pending = pool.submit(load, modules[i + 1])
-            yield module, factors
+            yield module, loaded
 
 
 def _carried_tensors(sources: list[AdapterSource]) -> dict[str, tuple[str, AdapterSource]]:

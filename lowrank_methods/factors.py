@@ -211,18 +211,25 @@ class AdapterSource:
 
     def read_module(self, module: str, dtype=torch.float32) -> LoraFactors:
         """Read one module's factors, normalised to ΔW = B @ A in the base layout, scale folded into B."""
+        return self.to_factors(module, *self.read_stored(module), dtype=dtype)
+
+    def read_stored(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's (A, B) tensors exactly as stored: file reads only, no arithmetic (safe for an I/O thread)."""
         parts = self.keys[module]
-        layout = self.layout(module)
-        embedding = layout.kind == "embedding"
-        a = self.read_raw(parts["lora_embedding_A" if embedding else "lora_A"])
-        b = self.read_raw(parts["lora_embedding_B" if embedding else "lora_B"])
+        embedding = "lora_embedding_A" in parts
+        return (self.read_raw(parts["lora_embedding_A" if embedding else "lora_A"]),
+                self.read_raw(parts["lora_embedding_B" if embedding else "lora_B"]))
+
+    def to_factors(self, module: str, a: torch.Tensor, b: torch.Tensor, dtype=torch.float32) -> LoraFactors:
+        """Stored (A, B) → LoraFactors in the base layout with the scale folded into B; refuses NaN/Inf."""
         for t in (a, b):
             if not torch.isfinite(t).all():
                 raise MergeError("factors contain NaN or Inf; the adapter is corrupt or diverged in training",
                                  adapter=self.name, module=module)
+        layout = self.layout(module)
         s = self.scale(module)
         a, b = a.to(dtype), b.to(dtype)
-        if embedding or layout.fan_in_fan_out:
+        if layout.kind == "embedding" or layout.fan_in_fan_out:
             return LoraFactors(b.T, s * a.T)
         return LoraFactors(a.flatten(1), s * b.flatten(1))
 
