@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .card import is_local_path
 from .errors import MergeError
 from .factors import LoraFactors, ModuleLayout
 from .methods.rmm import PARTS, task_factors
@@ -43,7 +44,7 @@ class BundleWriter:
         names = [f"{m}.{k}" for m in plan.modules for k in KEYS] + [f"extra.{k}" for k in extra_keys]
         self.stream = SafetensorsStream(self.stage.path / TENSORS_FILE, names)
         self.settings = dict(recipe.settings)
-        self.tasks = [{"name": ref.name, "source": ref.adapter, "revision": ref.revision, "config": src.config,
+        self.tasks = [{"name": ref.name, "source": public_source(ref.adapter), "revision": ref.revision, "config": src.config,
                        "extra_keys": list(src.extra_keys), "input_bytes": src.weights_file.stat().st_size}
                       for ref, src in zip(recipe.adapters, sources)]
         self.modules: dict[str, dict] = {}
@@ -314,3 +315,8 @@ def summary_table(path: str | Path) -> str:
     if manifest.get("dtype") in ("float16", "bfloat16"):
         lines.append(f"(errors are measured at compute precision, before the bundle is rounded to {manifest['dtype']})")
     return "\n".join(lines)
+
+
+def public_source(source: str) -> str:
+    """A task's source as recorded in a bundle that may be pushed: a local absolute path becomes its directory name."""
+    return Path(source.rstrip("/\\")).name if is_local_path(source) else source

@@ -96,7 +96,7 @@ def public_report(report) -> dict:
     the home directory and anything token-like removed. Idempotent; merge_report.json holds this."""
     data = report if isinstance(report, dict) else report.to_dict()
     data = json.loads(json.dumps(data, default=_jsonable))
-    local = [s for s in _path_fields(data) if _is_local_path(s)]
+    local = [s for s in _path_fields(data) if is_local_path(s)]
     return _scrub(data, {p: Path(p.rstrip("/\\")).name or p for p in sorted(local, key=len, reverse=True)})
 
 
@@ -107,7 +107,7 @@ def _path_fields(data: dict) -> list[str]:
     return [f for f in fields if isinstance(f, str)]
 
 
-def _is_local_path(s: str) -> bool:
+def is_local_path(s: str) -> bool:
     return s.startswith("~") or Path(s).is_absolute() or bool(re.match(r"[A-Za-z]:[\\/]", s))
 
 
