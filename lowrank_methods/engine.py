@@ -135,7 +135,7 @@ def run_merge(
         method=recipe.method.name, pretty_name=recipe.method.pretty_name, reference_url=recipe.method.reference_url,
         output=recipe.output, base_model=base, task_type=first.get("task_type"),
         adapters=[_describe(ref, src) for ref, src in zip(recipe.adapters, sources)],
-        parameters={k: v for k, v in recipe.settings.items()}, device=str(dev), recipe=recipe.text,
+        parameters=dict(recipe.settings), device=str(dev), recipe=recipe.text,
     )
     out_dtype = DTYPES[recipe.dtype] if recipe.dtype else sources[0].dtype
     extras = _carried_tensors(sources)
@@ -154,7 +154,7 @@ def run_merge(
         for key, (module, src) in extras.items():
             writer.add_extra(key, src.read_raw(key).to(out_dtype), module)
         report.seconds = time.perf_counter() - start
-        staged = writer.finish(_output_config(first, base))
+        staged = writer.finish({**first, "base_model_name_or_path": base})
         _write_report(staged, report)
         if write_card:
             from .card import write_card
@@ -230,10 +230,6 @@ def _describe(ref, src: AdapterSource) -> dict:
 def _recipe_base(recipe: Recipe) -> str | None:
     bases = {ref.base for ref in recipe.adapters if ref.base}
     return bases.pop() if len(bases) == 1 else None
-
-
-def _output_config(first: dict, base: str | None) -> dict:
-    return {**first, "base_model_name_or_path": base}
 
 
 def _write_report(path: Path, report: MergeReport) -> None:

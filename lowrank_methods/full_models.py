@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import MergeError
+from .linalg import LowRankSVD, truncate
 
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings)$")
 
@@ -43,10 +44,8 @@ def weight_index(path: Path) -> dict[str, Path]:
 
 def low_rank_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors of the best rank-``rank`` approximation of a dense delta: B = U√S, A = √S Vᵀ (ranks ≤ rank)."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(rank, int((S > S[0] * max(delta.shape) * torch.finfo(S.dtype).eps).sum()) if S.numel() and S[0] > 0 else 0)
-    root = S[:k].sqrt()
-    return U[:, :k] * root, root[:, None] * Vh[:k]
+    factors, _ = truncate(LowRankSVD(*torch.linalg.svd(delta, full_matrices=False)), rank, tuple(delta.shape))
+    return factors.B, factors.A
 
 
 def delta_adapter(model_dir: Path, base_dir: Path, out: Path, rank: int, name: str) -> Path:

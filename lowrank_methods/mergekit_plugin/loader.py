@@ -57,14 +57,11 @@ def peft_delta(src: AdapterSource, module: str) -> torch.Tensor:
     Half-precision factors are multiplied in float32, as PEFT does on CPU and as its default
     ``autocast_adapter_dtype`` does on load.
     """
-    parts = src.keys[module]
-    embedding = "lora_embedding_A" in parts
-    a = src.read_raw(parts["lora_embedding_A" if embedding else "lora_A"])
-    b = src.read_raw(parts["lora_embedding_B" if embedding else "lora_B"])
+    a, b = src.read_stored(module)
     if a.dtype in HALF or b.dtype in HALF:
         a, b = a.float(), b.float()
     product = b.flatten(1) @ a.flatten(1)
-    if embedding or src.config.get("fan_in_fan_out"):
+    if "lora_embedding_A" in src.keys[module] or src.config.get("fan_in_fan_out"):
         product = product.T
     return product * src.scale(module)
 
