@@ -16,30 +16,45 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .card import is_local_path
-from .errors import MergeError
+from .errors import BundleError, one_line, short
 from .factors import LoraFactors, ModuleLayout
 from .methods.rmm import PARTS, task_factors
 from .registry import ModuleResult
-from .writers import AdapterWriter, SafetensorsStream, StagedDirectory
+from .writers import AdapterWriter, SafetensorsStream
 
 TENSORS_FILE = "bundle.safetensors"
 MANIFEST = "reversible.json"
 FORMAT = "mergekit-lowrank/reversible-bundle"
 VERSION = 1
 KEYS = tuple(f"{kind}_{part}" for part in PARTS for kind in ("mean", "basis", "coeffs"))
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest holds a few numbers per module and task: far below this
+MAX_CONFIG_DEPTH = 32  # nesting of a task's adapter_config (written back out as JSON)
+LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
 
 class BundleWriter:
     """Streams rmm's per-module tensors into a reversible bundle (same protocol as ``AdapterWriter``)."""
 
-    def __init__(self, recipe, out, plan, sources, *, extra_keys: list[str], dtype: torch.dtype, overwrite: bool = False):
-        self.stage = StagedDirectory(out, overwrite)
+    def __init__(self, recipe, out, plan, sources, *, extra_keys: list[str], dtype: torch.dtype, overwrite: bool = False,
+                 stage=None):
+        if dtype not in DTYPE_NAMES:
+            raise BundleError(f"a reversible bundle is stored as one of {', '.join(DTYPES)}, not {dtype}")
+        if stage is None:  # no caller's stage (the engine passes its own): make one, which commit/abort then handle
+            from .writers import StagedDirectory
+
+            stage = StagedDirectory(out, overwrite)
+        self.stage = stage
         self.dtype = dtype
         names = [f"{m}.{k}" for m in plan.modules for k in KEYS] + [f"extra.{k}" for k in extra_keys]
         self.stream = SafetensorsStream(self.stage.path / TENSORS_FILE, names)
@@ -57,7 +72,7 @@ class BundleWriter:
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
         missing = {f"basis_{p}" for p in PARTS} | {f"coeffs_{p}" for p in PARTS} | {"ranks"}
         if not missing <= result.tensors.keys():
-            raise MergeError(f"the method returned no reversible tensors for {module}; only rmm writes a bundle")
+            raise BundleError(f"the method returned no reversible tensors for {module}; only rmm writes a bundle")
         for key in KEYS:
             if key in result.tensors:
                 self.stream.add(f"{module}.{key}", result.tensors[key].to(self.dtype))
@@ -87,7 +102,7 @@ class BundleWriter:
         center = any(m["center"] for m in modules.values())
         manifest = {
             "format": FORMAT, "version": VERSION, "method": "rmm", "base_model": config.get("base_model_name_or_path"),
-            "dtype": str(self.dtype).removeprefix("torch."), "p": p, "center": center,
+            "dtype": DTYPE_NAMES[self.dtype], "p": p, "center": center,
             "parameters": self.settings, "sha256": hashlib.sha256(data).hexdigest(),
             "tasks": [{k: v for k, v in t.items() if k != "input_bytes"} | {"error": _overall_error(modules, i)}
                       for i, t in enumerate(self.tasks)],
@@ -115,9 +130,199 @@ def paper_ratio(p: int, r: int, T: int, center: bool = True) -> float:
     return (p * (r + T) + (r if center else 0)) / (r * T)
 
 
+# -- the manifest (reversible.json): validated before anything in it is used -----------------------------------------
+# A bundle may come from anywhere (the Hub, a shared drive): every field is checked for its type and range, the
+# dtype comes from an allow-list, and the cross-field facts the reader relies on (one rank per task, ranks <= r,
+# unique task names, ...) are checked too. Extra fields are ignored, so that later writers can add some.
+
+Count = Annotated[int, Field(ge=0)]
+Dim = Annotated[int, Field(ge=1)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class LayoutSpec(_Strict):
+    kind: Literal["linear", "embedding", "conv"]
+    shape: Annotated[list[Dim], Field(min_length=2, max_length=2)]
+    fan_in_fan_out: bool = False
+    kernel: Annotated[list[Dim], Field(max_length=3)] = []
+
+    @model_validator(mode="after")
+    def _kernel_fits(self):
+        if self.kind != "conv":
+            if self.kernel:
+                raise ValueError(f"a {self.kind} layout has no kernel, got {short(self.kernel)}")
+        elif not self.kernel:
+            raise ValueError("a conv layout needs its kernel")
+        elif self.shape[1] % math.prod(self.kernel):
+            raise ValueError(f"shape[1]={short(self.shape[1])} is not a multiple of the kernel {short(self.kernel)}")
+        return self
+
+
+class ModuleSpec(_Strict):
+    layout: LayoutSpec
+    ranks: list[Count]
+    p: Count
+    r: Count
+    center: bool
+    errors: list[FiniteFloat]
+    norms: list[FiniteFloat]
+    stored_numbers: Count
+    input_numbers: Count
+
+    @model_validator(mode="after")
+    def _ranks_fit(self):
+        for i, k in enumerate(self.ranks):
+            if k > self.r:
+                raise ValueError(f"ranks[{i}]={short(k)} is larger than r={short(self.r)}")
+        return self
+
+
+class TaskSpec(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    source: str | None = None
+    revision: str | None = None
+    config: dict[str, Any]
+    extra_keys: list[Annotated[str, Field(min_length=1)]] = []
+    error: FiniteFloat
+
+    @field_validator("config")
+    @classmethod
+    def _config_is_plain(cls, config: dict) -> dict:
+        if _depth(config) > MAX_CONFIG_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_CONFIG_DEPTH} levels")
+        for key in ("base_model_name_or_path", "task_type", "revision"):  # copied into the rebuilt adapter_config
+            if not isinstance(config.get(key), str | None):
+                raise ValueError(f"{key} must be a string or null, got {short(config.get(key))}")
+        return config
+
+    @field_validator("extra_keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[str]) -> list[str]:
+        seen = set()
+        for key in keys:
+            if key in seen:
+                raise ValueError(f"lists {short(key)} twice")
+            seen.add(key)
+        return keys
+
+
+class StorageSpec(_Strict):
+    bundle_bytes: Count
+    inputs_bytes: Count
+    ratio_bytes: FiniteFloat
+    stored_numbers: Count
+    input_numbers: Count
+    ratio: FiniteFloat
+    paper_formula: str
+    paper_ratio: FiniteFloat | None = None
+
+
+class ManifestSpec(_Strict):
+    format: Literal[FORMAT]
+    version: Literal[VERSION]
+    method: Literal["rmm"] = "rmm"
+    base_model: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "float64"]
+    p: Count
+    center: bool
+    parameters: dict[str, Any] = {}
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    storage: StorageSpec
+    modules: Annotated[dict[Annotated[str, Field(min_length=1)], ModuleSpec], Field(min_length=1)]
+
+    @field_validator("parameters")
+    @classmethod
+    def _shallow(cls, parameters: dict) -> dict:
+        if _depth(parameters) > MAX_CONFIG_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_CONFIG_DEPTH} levels")
+        return parameters
+
+    @model_validator(mode="after")
+    def _fits_the_tasks(self):
+        T = len(self.tasks)
+        names = set()
+        for i, task in enumerate(self.tasks):
+            if task.name in names:
+                raise ValueError(f"tasks[{i}].name {short(task.name)} is not unique")
+            names.add(task.name)
+        for module, info in self.modules.items():
+            for field in ("ranks", "errors", "norms"):
+                if len(getattr(info, field)) != T:
+                    raise ValueError(f"modules[{short(module, 40)}].{field} has {len(getattr(info, field))} entries "
+                                     f"for {T} tasks")
+        return self
+
+
+def _depth(value, limit: int = MAX_CONFIG_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value (counted up to ``limit``, without recursion)."""
+    deepest, level = 0, [(value, 0)]
+    while level:
+        v, d = level.pop()
+        deepest = max(deepest, d)
+        if deepest >= limit:
+            break
+        if isinstance(v, dict):
+            level.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            level.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as one short path: ``modules['model.q_proj'].layout.shape[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_]\w{0,39}", str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{short(part, 40)}]"
+    return out
+
+
+def _validation_line(path: Path, e: ValidationError) -> str:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    where = _where(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    value = first.get("input")
+    scalar = isinstance(value, str | int | float | bool | None)
+    got = f" (got {short(value, 40)})" if first.get("type") != "missing" and scalar else ""
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    at = f" at {where}" if where else ""
+    return f"bundle {path}: {MANIFEST} is malformed{at}: {one_line(message, 120)}{got}{more}; the bundle is corrupt"
+
+
+def _error(message: str, module: str | None = None) -> BundleError:
+    """A BundleError of one short line; names from the manifest are shortened (they may be anything)."""
+    return BundleError(one_line(f"module {short(module, 80)}: {message}" if module is not None else message))
+
+
+def validate_manifest(manifest, path: Path) -> ManifestSpec:
+    """``manifest`` (parsed JSON) as a ManifestSpec, or a BundleError naming the first bad field."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _error(f"bundle {path}: {MANIFEST} is not a {FORMAT} manifest; the bundle is corrupt")
+    if manifest.get("version") != VERSION or isinstance(manifest.get("version"), bool):
+        raise _error(f"bundle {path} has format version {short(manifest.get('version'), 20)}; this mergekit-lowrank "
+                     f"reads version {VERSION}")
+    try:
+        return ManifestSpec.model_validate(manifest)
+    except ValidationError as e:
+        raise _error(_validation_line(path, e)) from None
+
+
 @dataclass
 class ReversibleBundle:
-    """A loaded bundle: every task's adapter can be rebuilt from it without reading the files again."""
+    """A loaded bundle: every task's adapter can be rebuilt from it without reading the files again.
+
+    ``load`` checks everything before returning: the manifest (types, ranges, dtype allow-list), the checksum,
+    every tensor's presence, shape, dtype and finiteness, and the carried modules_to_save tensors."""
 
     path: Path
     manifest: dict
@@ -129,22 +334,23 @@ class ReversibleBundle:
         manifest = _read_manifest(path)
         data = path / TENSORS_FILE
         if not data.is_file():
-            raise MergeError(f"bundle {path} has no {TENSORS_FILE}; the bundle is incomplete, re-create it with mergekit-lowrank merge")
+            raise _error(f"bundle {path} has no {TENSORS_FILE}; the bundle is incomplete, re-create it with mergekit-lowrank merge")
         raw = data.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != manifest.get("sha256"):
-            raise MergeError(f"bundle {path}: {TENSORS_FILE} does not match the checksum in {MANIFEST}; the bundle is "
-                             "corrupt, re-create it with mergekit-lowrank merge")
+        if hashlib.sha256(raw).hexdigest() != manifest["sha256"].lower():
+            raise _error(f"bundle {path}: {TENSORS_FILE} does not match the checksum in {MANIFEST}; the bundle is "
+                         "corrupt, re-create it with mergekit-lowrank merge")
         try:
             from safetensors.torch import load as load_bytes
 
             tensors = load_bytes(raw)
         except Exception as e:
-            raise MergeError(f"bundle {path}: cannot read {TENSORS_FILE} ({e}); the bundle is corrupt") from None
+            raise _error(f"bundle {path}: cannot read {TENSORS_FILE} ({short(str(e), 100)}); the bundle is corrupt") from None
         bundle = cls(path, manifest, tensors)
         try:
             bundle._check()
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise MergeError(f"bundle {path}: {MANIFEST} is malformed ({type(e).__name__}: {e}); the bundle is corrupt") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a safety net: _read_manifest checked
+            raise _error(f"bundle {path}: {MANIFEST} is malformed ({type(e).__name__}: {short(str(e), 100)}); "
+                         "the bundle is corrupt") from None
         return bundle
 
     # -- what it holds ---------------------------------------------------------------------
@@ -156,13 +362,21 @@ class ReversibleBundle:
     def modules(self) -> list[str]:
         return list(self.manifest["modules"])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the bundle is stored in (and reconstructed adapters are written in)."""
+        name = self.manifest.get("dtype", "float32")
+        if not isinstance(name, str) or name not in DTYPES:  # validated on load; this guards bundles built by hand
+            raise _error(f"bundle {self.path}: dtype {short(name, 20)} is not one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+
     def layout(self, module: str) -> ModuleLayout:
         d = self.manifest["modules"][module]["layout"]
         return ModuleLayout(d["kind"], tuple(d["shape"]), d.get("fan_in_fan_out", False), tuple(d.get("kernel", ())))
 
     def task_index(self, task: str) -> int:
         if task not in self.tasks:
-            raise MergeError(f"bundle {self.path} has no task {task!r}; it holds: {', '.join(self.tasks)}")
+            raise _error(f"bundle {self.path} has no task {short(task)}; it holds: {', '.join(self.tasks)}")
         return self.tasks.index(task)
 
     # -- rebuilding ------------------------------------------------------------------------
@@ -178,12 +392,36 @@ class ReversibleBundle:
         return out
 
     def write_adapter(self, task: str, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write task ``task`` as a PEFT adapter (r == lora_alpha, the task's own rank per module), atomically."""
+        """Write task ``task`` as a PEFT adapter (r == lora_alpha, the task's own rank per module), atomically.
+
+        Everything that can fail is done before OUT (or its staging directory) is created: the factors are built,
+        converted to the output dtype and checked finite; on any later failure the staging directory is removed."""
         t = self.task_index(task)
         meta = self.manifest["tasks"][t]
+        dtype = self.dtype
         factors = self.adapter(task)
-        extras = [k for k in meta.get("extra_keys", []) if f"extra.{k}" in self.tensors]
-        dtype = getattr(torch, self.manifest.get("dtype", "float32"))
+        if not factors:
+            raise _error(f"bundle {self.path}: task {short(task)} has rank 0 in every module; the bundle is corrupt")
+        tensors = {}
+        for module, f in factors.items():
+            for part, tensor in self.layout(module).peft_tensors(f).items():
+                tensor = tensor.to(dtype)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise _error(f"bundle {self.path}: task {short(task)} rebuilds to non-finite {part} values in "
+                                 f"{dtype_name(dtype)}; the bundle is corrupt", module=module)
+                tensors[f"base_model.model.{module}.{part}"] = tensor
+        extras = list(meta.get("extra_keys", []))
+        for key in extras:
+            if f"extra.{key}" not in self.tensors:  # _check saw them; this guards bundles built by hand
+                raise _error(f"bundle {self.path}: task {short(task)} carries {short(key)} but {TENSORS_FILE} lacks "
+                             f"{short('extra.' + key)}; the bundle is corrupt")
+            if key in tensors:
+                raise _error(f"bundle {self.path}: carried tensor {short(key)} collides with a LoRA tensor of the "
+                             "adapter; the bundle is corrupt")
+        target, home = Path(out).resolve(), self.path.resolve()
+        if target == home or target in home.parents or home in target.parents:
+            raise _error(f"output {out} is, holds or lies inside the bundle {self.path}; write the adapter somewhere else")
+        del tensors  # only built to check them; the writer converts the same factors again
         writer = AdapterWriter(out, list(factors), extras, dtype=dtype, overwrite=overwrite)
         try:
             for module, f in factors.items():
@@ -206,8 +444,8 @@ class ReversibleBundle:
 
         t = self.task_index(task)
         if self.manifest["tasks"][t].get("extra_keys"):
-            raise MergeError(f"task {task!r} carries modules_to_save tensors that to_peft cannot swap; use "
-                             "write_adapter (mergekit-lowrank reconstruct) and load that adapter instead")
+            raise _error(f"task {short(task)} carries modules_to_save tensors that to_peft cannot swap; use "
+                         "write_adapter (mergekit-lowrank reconstruct) and load that adapter instead")
         name = adapter_name or model.active_adapter
         name = name if isinstance(name, str) else name[0]
         layers = {n.removeprefix("base_model.model."): mod for n, mod in model.named_modules()
@@ -215,18 +453,18 @@ class ReversibleBundle:
         factors = self.adapter(task)
         missing = sorted(set(factors) - set(layers))
         if missing:
-            raise MergeError(f"adapter {name!r} of the model has no LoRA layer on {missing[0]} ({len(missing)} modules "
-                             "missing); load an adapter that targets every module of the bundle, e.g. one reconstructed from it")
+            raise _error(f"adapter {short(name)} of the model has no LoRA layer on {short(missing[0], 80)} ({len(missing)} "
+                         "modules missing); load an adapter that targets every module of the bundle, e.g. one reconstructed from it")
         params = {}
         for module, layer in layers.items():  # check everything before touching any weight
             embedding = name in layer.lora_embedding_A
             A = layer.lora_embedding_A[name] if embedding else layer.lora_A[name].weight
             B = layer.lora_embedding_B[name] if embedding else layer.lora_B[name].weight
             if layer.merged:
-                raise MergeError(f"the adapter is merged into the base weights at {module}; unmerge it before to_peft")
+                raise _error(f"the adapter is merged into the base weights at {short(module, 80)}; unmerge it before to_peft")
             if module in factors and A.shape[0] < factors[module].rank:
-                raise MergeError(f"the loaded adapter has rank {A.shape[0]} but task {task!r} needs "
-                                 f"{factors[module].rank}; load an adapter with rank >= the bundle's ranks", module=module)
+                raise _error(f"the loaded adapter has rank {A.shape[0]} but task {short(task)} needs "
+                             f"{factors[module].rank}; load an adapter with rank >= the bundle's ranks", module=module)
             params[module] = (A, B, layer.scaling[name])
         with torch.no_grad():
             for module, (A, B, scaling) in params.items():
@@ -247,10 +485,15 @@ class ReversibleBundle:
         return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in out.items()}
 
     def _check(self) -> None:
+        """Every tensor the manifest promises is there, with its shape and the bundle's dtype, and finite."""
         T = len(self.manifest["tasks"])
+        dtype = self.dtype
         for module, info in self.manifest["modules"].items():
             m, n = info["layout"]["shape"]
             r, p = info["r"], info["p"]
+            if len(info["ranks"]) != T or any(not 0 <= k <= r for k in info["ranks"]):
+                raise _error(f"bundle {self.path}: ranks {short(info['ranks'])} do not fit {T} tasks of rank <= {r}; the "
+                             "bundle is corrupt", module=module)
             expected = {"basis_B": (m, r, p), "coeffs_B": (m, T, p), "basis_A": (n, r, p), "coeffs_A": (n, T, p)}
             if info["center"]:
                 expected |= {"mean_B": (m, r), "mean_A": (n, r)}
@@ -258,11 +501,34 @@ class ReversibleBundle:
                 got = self.tensors.get(f"{module}.{key}")
                 if got is None or tuple(got.shape) != shape:
                     found = "missing" if got is None else f"shape {tuple(got.shape)}"
-                    raise MergeError(f"bundle {self.path}: tensor {key} is {found}, expected {shape}; the bundle is corrupt",
-                                     module=module)
-            if len(info["ranks"]) != T or any(not 0 <= k <= r for k in info["ranks"]):
-                raise MergeError(f"bundle {self.path}: ranks {info['ranks']} do not fit {T} tasks of rank <= {r}; the "
-                                 "bundle is corrupt", module=module)
+                    raise _error(f"bundle {self.path}: tensor {key} is {found}, expected {short(shape)}; the bundle is "
+                                 "corrupt", module=module)
+                if got.dtype != dtype:
+                    raise _error(f"bundle {self.path}: tensor {key} is {dtype_name(got.dtype)} but {MANIFEST} says "
+                                 f"{dtype_name(dtype)}; the bundle is corrupt", module=module)
+                if not bool(torch.isfinite(got).all()):
+                    raise _error(f"bundle {self.path}: tensor {key} holds NaN or Inf; the bundle is corrupt", module=module)
+            for key in KEYS:
+                if key not in expected and f"{module}.{key}" in self.tensors:
+                    raise _error(f"bundle {self.path}: tensor {key} is present but {MANIFEST} says the module is not "
+                                 "centred; the bundle is corrupt", module=module)
+        outputs = {f"base_model.model.{m}.{part}" for m in self.manifest["modules"] for part in LORA_PARTS}
+        for task in self.manifest["tasks"]:
+            for key in task.get("extra_keys", []):
+                got = self.tensors.get(f"extra.{key}")
+                if got is None:
+                    raise _error(f"bundle {self.path}: task {short(task['name'])} carries {short(key)} but "
+                                 f"{TENSORS_FILE} lacks {short('extra.' + key)}; the bundle is corrupt")
+                if key in outputs:
+                    raise _error(f"bundle {self.path}: carried tensor {short(key)} of task {short(task['name'])} "
+                                 "collides with a LoRA tensor; the bundle is corrupt")
+                if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
+                    raise _error(f"bundle {self.path}: carried tensor {short('extra.' + key)} holds NaN or Inf; the "
+                                 "bundle is corrupt")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def layout_values(layout: ModuleLayout, f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,23 +538,26 @@ def layout_values(layout: ModuleLayout, f: LoraFactors) -> tuple[torch.Tensor, t
 
 
 def _read_manifest(path: Path) -> dict:
+    """The bundle's manifest as the plain dict it is stored as, after ``validate_manifest`` accepted it."""
     if not path.is_dir():
-        raise MergeError(f"bundle {path} is not a directory; pass the directory written by an rmm merge")
+        raise _error(f"bundle {path} is not a directory; pass the directory written by an rmm merge")
     file = path / MANIFEST
     if not file.is_file():
-        raise MergeError(f"{path} has no {MANIFEST}; it is not a reversible bundle (written by merge_method: rmm)")
+        raise _error(f"{path} has no {MANIFEST}; it is not a reversible bundle (written by merge_method: rmm)")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise _error(f"bundle {path}: {MANIFEST} is {file.stat().st_size:,} bytes, more than a manifest can be; "
+                     "the bundle is corrupt")
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MergeError(f"bundle {path}: {MANIFEST} is not valid JSON ({e}); the bundle is corrupt") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise MergeError(f"bundle {path}: {MANIFEST} is not a {FORMAT} manifest; the bundle is corrupt")
-    if manifest.get("version") != VERSION:
-        raise MergeError(f"bundle {path} has format version {manifest.get('version')}; this mergekit-lowrank reads "
-                         f"version {VERSION}")
-    for key in ("tasks", "modules", "sha256"):
-        if key not in manifest:
-            raise MergeError(f"bundle {path}: {MANIFEST} lacks {key!r}; the bundle is corrupt")
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _error(f"bundle {path}: {MANIFEST} is not valid JSON (not UTF-8 at byte {e.start}); the bundle is "
+                     "corrupt") from None
+    except json.JSONDecodeError as e:
+        raise _error(f"bundle {path}: {MANIFEST} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                     "the bundle is corrupt") from None
+    except RecursionError:
+        raise _error(f"bundle {path}: {MANIFEST} is not valid JSON (nested too deeply); the bundle is corrupt") from None
+    validate_manifest(manifest, path)
     return manifest
 
 

@@ -7,27 +7,33 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
-from .errors import MergeError
+from .errors import MergeError, error_line
+from .interrupts import interrupted_line, terminate_as_interrupt
 
 
 def one_line_errors(fn):
-    """Turn MergeError (and a few OS errors) into one clear line unless --verbose was given."""
+    """Every error of ours, an OSError (disk full, permissions), Ctrl-C, SIGTERM or SIGHUP becomes one line
+    and a non-zero exit; --verbose shows the traceback instead. Hints name only flags this command has."""
 
     @functools.wraps(fn)
     def wrapper(*args, verbose: bool = False, **kwargs):
+        flags = {opt for p in click.get_current_context().command.params for opt in getattr(p, "opts", ())}
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt():
+                return fn(*args, **kwargs)
         except (MergeError, OSError) as e:
             if verbose:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {error_line(e, flags)}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            line, code = interrupted_line(e)
+            click.echo(line, err=True)
+            sys.exit(code)
 
     return click.option("--verbose", "-v", is_flag=True, help="show full tracebacks")(wrapper)
 
@@ -87,7 +93,7 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
         s = report.summary()
         energy = f", retained energy min {s['retained_energy_min']:.4f} / median {s['retained_energy_median']:.4f}" \
             if "retained_energy_min" in s else ""
-        click.echo(f"wrote {out}: {report.method} over {len(report.adapters)} adapters, {int(s['modules'])} modules"
+        click.echo(f"wrote {out}: {report.method} over {len(report.adapters)} adapters, {s['modules']} modules"
                    f"{energy}, {report.seconds:.1f} s")
         if report.output == "bundle":
             from .bundle import summary_table
@@ -102,15 +108,19 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
 @click.option("--allow-pickle", is_flag=True, help="also accept adapter_model.bin")
 @one_line_errors
 def validate(recipe, allow_pickle):
-    """Check RECIPE and its adapters (configs, shapes, parameters) without merging."""
-    from .engine import make_plan, open_sources
+    """Check RECIPE and its adapters (configs, headers, shapes, parameters, finite factors) without merging:
+    every refusal `merge` could make before computing."""
+    import tempfile
+
+    from .engine import check_factors, prepare
     from .recipe import load_recipe
 
     parsed = load_recipe(recipe)
-    sources, base = open_sources(parsed, allow_pickle=allow_pickle)
-    plan = make_plan(sources)
-    parsed.check(plan.modules)
-    click.echo(f"ok: {parsed.method.name} over {len(sources)} adapters, {len(plan.modules)} modules, base {base or 'unknown'}")
+    with tempfile.TemporaryDirectory(prefix="mergekit-lowrank-validate-") as scratch:
+        ready = prepare(parsed, allow_pickle=allow_pickle, scratch=Path(scratch))
+        check_factors(ready)
+    click.echo(f"ok: {parsed.method.name} over {len(ready.sources)} adapters, {len(ready.plan.modules)} modules, "
+               f"base {ready.base or 'unknown'}")
 
 
 @main.command()

@@ -6,6 +6,7 @@ thread while module i computes, and each result is streamed to disk by the write
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
@@ -17,9 +18,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .errors import MergeError
+from .errors import ComputeError, MergeError, short
 from .factors import AdapterSource, LoraFactors, ModuleLayout, check_compatible
 from .recipe import Recipe
+from .registry import ModuleResult
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -77,9 +79,9 @@ class MergeReport:
     recipe: str = ""
 
     def summary(self) -> dict[str, float]:
-        energies = [s["retained_energy"] for s in self.modules.values() if "retained_energy" in s]
-        ranks = [s["rank"] for s in self.modules.values() if "rank" in s]
-        out = {"modules": float(len(self.modules)), "seconds": self.seconds}
+        energies = [s["retained_energy"] for s in self.modules.values() if s.get("retained_energy") is not None]
+        ranks = [int(s["rank"]) for s in self.modules.values() if s.get("rank") is not None]
+        out = {"modules": len(self.modules), "seconds": self.seconds}
         if energies:
             out |= {"retained_energy_min": min(energies), "retained_energy_median": statistics.median(energies)}
         if ranks:
@@ -101,14 +103,53 @@ def resolve_device(device: str) -> torch.device:
         raise MergeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
 
 
-def open_sources(recipe: Recipe, *, allow_pickle: bool = False) -> tuple[list[AdapterSource], str | None]:
-    """Resolve and open every adapter (configs and key indexes only); returns them and the shared base model."""
+def open_sources(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | None = None
+                 ) -> tuple[list[AdapterSource], str | None]:
+    """Resolve and open every adapter (configs and key indexes only); returns them and the shared base model.
+    Full fine-tuned models (rmm's PT-SVD inputs) become temporary adapters in ``scratch``."""
     from .full_models import as_adapter_dirs
     from .hub import resolve_adapter
 
-    paths = as_adapter_dirs(recipe, [resolve_adapter(ref, allow_pickle=allow_pickle) for ref in recipe.adapters])  # PT-SVD: full models → adapters
+    paths = [resolve_adapter(ref, allow_pickle=allow_pickle) for ref in recipe.adapters]
+    paths = as_adapter_dirs(recipe, paths, scratch)
     sources = [AdapterSource.open(path, ref.name, allow_pickle=allow_pickle) for ref, path in zip(recipe.adapters, paths)]
     return sources, check_compatible(sources, base_model=recipe.base_model or _recipe_base(recipe))
+
+
+@dataclass
+class Prepared:
+    """A recipe whose every check passed: the opened sources, the shared base and the plan."""
+
+    recipe: Recipe
+    sources: list[AdapterSource]
+    base: str | None
+    plan: Plan
+
+
+def prepare(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | None = None) -> Prepared:
+    """Every check ``merge`` can make without computing; ``validate`` is exactly this."""
+    sources, base = open_sources(recipe, allow_pickle=allow_pickle, scratch=scratch)
+    plan = make_plan(sources)
+    recipe.check(plan.modules)
+    if recipe.method.check is not None:
+        for module in plan.modules:
+            t = plan.t(module)
+            ranks = [src.rank_alpha(module)[0] if module in src.keys else 0 for src in sources]
+            try:
+                recipe.method.check(recipe.params_for(module, t), recipe.weights_for(module, t), ranks)
+            except MergeError as e:
+                e.module = e.module or module
+                raise
+    return Prepared(recipe, sources, base, plan)
+
+
+def check_factors(ready: Prepared) -> None:
+    """Read every module of every adapter through the merge's own conversion (NaN/Inf, shapes): what a merge would
+    refuse while reading, without merging. Adapter-sized I/O, one module at a time."""
+    for module in ready.plan.modules:
+        for src in ready.sources:
+            if module in src.keys:
+                src.read_module(module)
 
 
 def run_merge(
@@ -123,13 +164,24 @@ def run_merge(
     write_card: bool = True,
 ) -> MergeReport:
     """Merge the recipe's adapters module by module and write the result atomically to ``out``."""
-    from .writers import open_writer
+    from .staging import StagedOutput
 
     start = time.perf_counter()
     dev = resolve_device(device)
-    compute_dtype = DTYPES[precision]
-    sources, base = open_sources(recipe, allow_pickle=allow_pickle)
-    plan = make_plan(sources)
+    with StagedOutput(out, overwrite=overwrite, inputs=recipe.local_inputs()) as stage:
+        ready = prepare(recipe, allow_pickle=allow_pickle, scratch=stage.scratch)
+        report = merge_into(ready, stage, dev=dev, compute_dtype=DTYPES[precision], quiet=quiet, write_card=write_card,
+                            start=start)
+        stage.commit()
+    return report
+
+
+def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torch.dtype, quiet: bool,
+               write_card: bool, start: float) -> MergeReport:
+    """The streaming loop: every module merged and handed to the writer, which writes into ``stage.path``."""
+    from .writers import open_writer
+
+    recipe, sources, base, plan = ready.recipe, ready.sources, ready.base, ready.plan
     first = sources[0].config
     report = MergeReport(
         method=recipe.method.name, pretty_name=recipe.method.pretty_name, reference_url=recipe.method.reference_url,
@@ -139,16 +191,14 @@ def run_merge(
     )
     out_dtype = DTYPES[recipe.dtype] if recipe.dtype else sources[0].dtype
     extras = _carried_tensors(sources)
-    writer = open_writer(recipe, out, plan, sources, extra_keys=list(extras), dtype=out_dtype, overwrite=overwrite)
+    writer = open_writer(recipe, stage, plan, sources, extra_keys=list(extras), dtype=out_dtype)
     try:
         for module, stored in tqdm(_prefetched(plan.modules, _module_reader(sources)), total=len(plan.modules),
                                    desc="merging modules", unit="module", disable=quiet):
             factors = _to_factors(sources, plan, module, stored, compute_dtype)
             t = plan.t(module)
-            params = recipe.params_for(module, t)
-            weights = recipe.weights_for(module, t)
-            result = recipe.method.fn([f.to(dev) for f in factors], weights, params)
-            result = result.to("cpu")
+            result = _merge_module(recipe, module, [f.to(dev) for f in factors], recipe.weights_for(module, t),
+                                   recipe.params_for(module, t))
             writer.add(module, plan.layouts[module], result)
             report.modules[module] = dict(result.stats)
         for key, (module, src) in extras.items():
@@ -160,11 +210,27 @@ def run_merge(
             from .card import write_card
 
             write_card(staged, report)
-        writer.commit()
     except BaseException:
         writer.abort()
         raise
     return report
+
+
+def _merge_module(recipe: Recipe, module: str, factors: list[LoraFactors], weights: list[float], params) -> ModuleResult:
+    """One module through the method, back on the CPU, refused unless every number in it is finite."""
+    try:
+        result = recipe.method.fn(factors, weights, params).to("cpu")
+    except torch.linalg.LinAlgError as e:
+        raise ComputeError(f"{recipe.method.name}: a decomposition did not converge ({short(str(e), 60)}); the "
+                           "updates are degenerate or too large for the precision", module=module,
+                           flag="--precision", flag_hint="try --precision float64") from e
+    tensors = ([result.factors.A, result.factors.B] if result.factors is not None else []) + list(result.tensors.values())
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        raise ComputeError(f"{recipe.method.name} gave NaN or Inf here (the weights, lambda or the adapters' scales "
+                           "are too large for the precision); nothing was written", module=module,
+                           flag="--precision", flag_hint="try --precision float64")
+    result.stats = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.stats.items()}
+    return result
 
 
 def _module_reader(sources: list[AdapterSource]) -> Callable[[str], list]:
@@ -237,7 +303,7 @@ def _write_report(path: Path, report: MergeReport) -> None:
 
     from .card import public_report  # no absolute local paths or tokens: the folder may be pushed to the Hub
 
-    (path / "merge_report.json").write_text(json.dumps(public_report(report), indent=2) + "\n")
+    (path / "merge_report.json").write_text(json.dumps(public_report(report), indent=2, allow_nan=False) + "\n")
 
 
 def _natural_key(name: str):

@@ -7,11 +7,8 @@ The engine then reads those adapters like any other, so rmm runs on them unchang
 
 from __future__ import annotations
 
-import atexit
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -90,8 +87,9 @@ def delta_adapter(model_dir: Path, base_dir: Path, out: Path, rank: int, name: s
     return out
 
 
-def as_adapter_dirs(recipe, paths: list[Path]) -> list[Path]:
-    """The recipe's model paths with every full fine-tuned model replaced by its temporary PT-SVD adapter."""
+def as_adapter_dirs(recipe, paths: list[Path], scratch: Path | None) -> list[Path]:
+    """The recipe's model paths with every full fine-tuned model replaced by its PT-SVD adapter in ``scratch``
+    (a directory the caller removes, also on SIGTERM: the merge's staging area, or validate's temporary one)."""
     full = [i for i, p in enumerate(paths) if is_full_model(p)]
     if not full:
         return paths
@@ -101,9 +99,9 @@ def as_adapter_dirs(recipe, paths: list[Path]) -> list[Path]:
     rank = recipe.settings.get("svd_rank", 16)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise MergeError(f"svd_rank must be one positive integer for all modules, got {rank!r}")
+    if scratch is None:
+        raise ValueError("full fine-tuned models need a scratch directory for their PT-SVD adapters")
     out = list(paths)
-    scratch = Path(tempfile.mkdtemp(prefix="mergekit-lowrank-ptsvd-"))
-    atexit.register(shutil.rmtree, scratch, True)
     for i in full:
         ref = recipe.adapters[i]
         base = recipe.base_model or (ref.base.partition("@")[0] if ref.base else None)

@@ -116,8 +116,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         if revision and revision != "main" and not revision.startswith("refs/pr/"):  # refs/pr/N: add to an open PR
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         _card_with_repo_id(folder, repo_id)
+        from .staging import MARKER  # our local ownership marker: meaningless on the Hub
+
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or _default_message(folder))
+                                 commit_message=commit_message or _default_message(folder), ignore_patterns=[MARKER])
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:

@@ -15,6 +15,7 @@ by substring against ``<module>.weight``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -22,8 +23,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import MergeError
-from .registry import Method, MethodParams, get_method, _one_line
+from .errors import RecipeError, short
+from .registry import MAX_MAGNITUDE, Method, MethodParams, get_method, _one_line
 
 Scalar = Union[bool, int, float, str]
 
@@ -90,6 +91,12 @@ class Recipe:
         values = {k: v for k, v in values.items() if v is not None}
         return self.method.parse_params({**values, "module": module})
 
+    def local_inputs(self) -> tuple[Path, ...]:
+        """The recipe's inputs that are local directories (an output must never replace one of them)."""
+        names = [ref.adapter for ref in self.adapters] + [ref.base for ref in self.adapters if ref.base]
+        names += [self.base_model] if self.base_model else []
+        return tuple(Path(n) for n in names if Path(n).exists())
+
     def weights_for(self, module: str, t: float = 0.0) -> list[float]:
         weights = []
         for a in self.adapters:
@@ -112,45 +119,92 @@ class Recipe:
             yield from a.settings.values()
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a megabyte is already absurd
+MAX_DEPTH = 32              # nesting of mappings and lists
+MAX_NODES = 100_000         # values after expanding aliases (a "billion laughs" bomb expands to 10^9)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise MergeError(f"cannot read recipe {path}: {e.strerror}") from None
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from e
     return parse_recipe(text)
 
 
-def parse_recipe(text: str) -> Recipe:
+def load_yaml(text: str):
+    """``yaml.safe_load`` with the nesting depth and the expanded size bounded before anything is built."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
     try:
-        data = yaml.safe_load(text)
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # the event stream: no recursion, nothing built
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(f"recipe nests deeper than {MAX_DEPTH} levels (line {event.start_mark.line + 1})")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay shared nodes here
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise RecipeError(f"recipe expands to more than {MAX_NODES:,} values through YAML aliases; write the "
+                              "values out")
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise MergeError(f"recipe is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise RecipeError(f"recipe is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many values ``node`` becomes once every alias is expanded (memoised: linear in the node graph)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_NODES + 1  # a recursive alias expands forever
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def parse_recipe(text: str) -> Recipe:
+    data = load_yaml(text)
     if not isinstance(data, dict):
-        raise MergeError("recipe must be a YAML mapping with merge_method and models")
+        raise RecipeError("recipe must be a YAML mapping with merge_method and models")
     if "slices" in data or "modules" in data:
-        raise MergeError("recipes with slices/modules are full-model recipes; adapter merging takes a flat `models:` list")
+        raise RecipeError("recipes with slices/modules are full-model recipes; adapter merging takes a flat `models:` list")
     try:
         raw = RecipeFile.model_validate(data)
     except ValidationError as e:
-        raise MergeError(f"recipe: {_one_line(e)}") from None
+        raise RecipeError(f"recipe: {_one_line(e)}") from e
     method = get_method(raw.merge_method)
     settings = dict(raw.parameters or {})
     if "module" in settings:
-        raise MergeError("`module` is not a recipe parameter (the engine sets it per module)")
+        raise RecipeError("`module` is not a recipe parameter (the engine sets it per module)")
     output = settings.get("output", "bundle" if method.output == "bundle" else "adapter")
     if output not in ("adapter", "model", "bundle"):
-        raise MergeError(f"parameters.output must be adapter, model or bundle, got {output!r}")
+        raise RecipeError(f"parameters.output must be adapter, model or bundle, got {short(output)}")
     if (output == "bundle") != (method.output == "bundle"):
-        raise MergeError(f"method {method.name!r} writes {'a reversible bundle' if method.output == 'bundle' else 'merged weights'}; "
+        raise RecipeError(f"method {method.name!r} writes {'a reversible bundle' if method.output == 'bundle' else 'merged weights'}; "
                          f"output: {output} does not fit it")
     dtype = raw.out_dtype or raw.dtype
     if dtype is not None and dtype not in DTYPES:
-        raise MergeError(f"dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        raise RecipeError(f"dtype {short(dtype)} is not one of {', '.join(sorted(DTYPES))}")
     if not raw.models:
-        raise MergeError("recipe lists no models; add the adapters under `models:`")
+        raise RecipeError("recipe lists no models; add the adapters under `models:`")
     adapters = _adapter_refs(raw.models, raw.base_model)
     recipe = Recipe(method, adapters, raw.base_model, settings, output, dtype, text)
     recipe.check()
@@ -161,13 +215,13 @@ def _adapter_refs(models: list[ModelEntry], base_model: str | None) -> list[Adap
     refs, seen = [], {}
     for entry in models:
         if entry.model.count("+") > 1:
-            raise MergeError(f"model {entry.model!r} has more than one '+'; write base+adapter")
+            raise RecipeError(f"model {short(entry.model)} has more than one '+'; write base+adapter")
         base, _, adapter = entry.model.rpartition("+")
         adapter, _, revision = adapter.partition("@")
         settings = dict(entry.parameters or {})
         unknown = set(settings) - PER_ADAPTER_PARAMETERS
         if unknown:
-            raise MergeError(f"model {entry.model!r}: per-model parameters may only be {sorted(PER_ADAPTER_PARAMETERS)}, "
+            raise RecipeError(f"model {short(entry.model)}: per-model parameters may only be {sorted(PER_ADAPTER_PARAMETERS)}, "
                              f"got {sorted(unknown)}; put method parameters under the top-level `parameters:`")
         name = Path(adapter.rstrip("/")).name or adapter
         seen[name] = seen.get(name, 0) + 1
@@ -177,7 +231,7 @@ def _adapter_refs(models: list[ModelEntry], base_model: str | None) -> list[Adap
     if base_model is None:
         bases = {r.base.partition("@")[0] for r in refs if r.base}
         if len(bases) > 1:
-            raise MergeError(f"models name different bases ({', '.join(sorted(bases))}); set base_model to choose one")
+            raise RecipeError(f"models name different bases ({', '.join(sorted(bases))}); set base_model to choose one")
     return refs
 
 
@@ -208,7 +262,7 @@ def _evaluate(setting: Setting, module: str, t: float, name: str):
         return type(setting[0])(value) if isinstance(setting[0], int) and value == int(value) else value
     for cond in setting:
         if not isinstance(cond, Conditional):
-            raise MergeError(f"parameter {name!r} mixes plain values and filters in one list")
+            raise RecipeError(f"parameter {name!r} mixes plain values and filters in one list")
         if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
             result = _evaluate(cond.value, module, t, name)
             if result is not None:
@@ -218,5 +272,7 @@ def _evaluate(setting: Setting, module: str, t: float, name: str):
 
 def _as_float(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MergeError(f"{what} must be a number, got {value!r}")
+        raise RecipeError(f"{what} must be a number, got {short(value)}")
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        raise RecipeError(f"{what} must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value!r}")
     return float(value)

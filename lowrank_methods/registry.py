@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from typing_extensions import Annotated
 
-from .errors import MergeError
+from .errors import RecipeError, short
 from .factors import LoraFactors
 
 
@@ -30,11 +30,16 @@ from .factors import LoraFactors
 Rank = Annotated[StrictInt, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None
 
 
+# The largest |weight| or |lambda| a recipe may use: beyond it float32 results overflow (and no merge needs it).
+MAX_MAGNITUDE = 1e6
+
+
 class MethodParams(BaseModel):
     """Parameters every method accepts. Subclass it to declare a method's own parameters."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-    lambda_: float = Field(1.0, alias="lambda", description="global scale applied to the merged update")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
+    lambda_: float = Field(1.0, alias="lambda", ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE,
+                           description="global scale applied to the merged update")
     module: str = Field("", description="filled by the engine with the module's name (seeds per-module randomness)")
 
 
@@ -64,26 +69,30 @@ class Method:
     output: Literal["adapter", "bundle"] = "adapter"
     in_mergekit: bool = True  # False for aliases of mergekit's own names (task_arithmetic, linear)
     summary: str = ""
+    # (params, weights, ranks of each adapter at a module, 0 where absent) -> None or raises MergeError;
+    # the refusals a method can make before computing, so that `validate` makes them too
+    check: Callable[[MethodParams, Sequence[float], Sequence[int]], None] | None = None
 
     def parse_params(self, values: dict) -> MethodParams:
         try:
             return self.params.model_validate(values)
-        except Exception as e:  # pydantic.ValidationError → one line per problem, joined
-            raise MergeError(f"bad parameters for method {self.name!r}: {_one_line(e)}") from None
+        except ValidationError as e:
+            raise RecipeError(f"bad parameters for method {self.name!r}: {_one_line(e)}") from e
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def method(name: str, *, params: type[MethodParams] = MethodParams, pretty_name: str, reference_url: str | None = None,
-           output: Literal["adapter", "bundle"] = "adapter", in_mergekit: bool = True):
+           output: Literal["adapter", "bundle"] = "adapter", in_mergekit: bool = True, check=None):
     """Decorator: register ``fn`` under ``name``."""
 
     def register(fn):
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _METHODS[name] = Method(name, fn, params, pretty_name, reference_url, output, in_mergekit, doc[0] if doc else "")
+        _METHODS[name] = Method(name, fn, params, pretty_name, reference_url, output, in_mergekit, doc[0] if doc else "",
+                                check)
         return fn
 
     return register
@@ -98,7 +107,7 @@ def get_method(name: str) -> Method:
     if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known methods: {', '.join(sorted(_METHODS))}"
-        raise MergeError(f"unknown merge_method {name!r}{hint}")
+        raise RecipeError(f"unknown merge_method {short(name)}{hint}")
     return _METHODS[name]
 
 
@@ -112,7 +121,7 @@ def _one_line(err: Exception) -> str:
     if callable(errors):
         parts = []
         for e in errors():
-            loc = ".".join(str(x) for x in e.get("loc", ())) or "parameters"
+            loc = ".".join(short(x, 40) if not isinstance(x, str) else x[:40] for x in e.get("loc", ())) or "parameters"
             parts.append(f"{loc}: {e.get('msg')}")
-        return "; ".join(parts)
+        return "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
     return str(err).replace("\n", " ")

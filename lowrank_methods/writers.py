@@ -9,10 +9,7 @@ adapter name, ``r == lora_alpha`` (scale 1, every input scale folded into the fa
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,32 +18,14 @@ from safetensors.torch import _TYPES as _ST_DTYPES  # torch dtype <-> safetensor
 from .errors import MergeError
 from .factors import ModuleLayout
 from .registry import ModuleResult
+from .staging import StagedOutput
 
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class StagedDirectory:
-    """A temp dir beside ``out`` that becomes ``out`` on commit and disappears on abort."""
-
-    def __init__(self, out: str | Path, overwrite: bool = False):
-        self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise MergeError(f"output {self.out} already exists; choose a new directory or pass --overwrite")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-
-    def commit(self) -> Path:
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, trash / "old")
-            os.replace(self.path, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.path, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+def StagedDirectory(out, overwrite: bool = False, stage: StagedOutput | None = None) -> StagedOutput:
+    """The staging area a writer writes into: the caller's ``stage``, or a new one it then owns."""
+    return stage if stage is not None else StagedOutput(out, overwrite=overwrite)
 
 
 class SafetensorsStream:
@@ -92,8 +71,9 @@ class SafetensorsStream:
 class AdapterWriter:
     """Streams merged modules into a PEFT adapter directory (see module docstring)."""
 
-    def __init__(self, out, modules: list[str], extra_keys: list[str], *, dtype: torch.dtype, overwrite: bool = False):
-        self.stage = StagedDirectory(out, overwrite)
+    def __init__(self, out, modules: list[str], extra_keys: list[str], *, dtype: torch.dtype, overwrite: bool = False,
+                 stage: StagedOutput | None = None):
+        self.stage = StagedDirectory(out, overwrite, stage)
         self.dtype = dtype
         names = [f"base_model.model.{m}.{p}" for m in modules for p in ("lora_A.weight", "lora_B.weight")] + extra_keys
         self.stream = SafetensorsStream(self.stage.path / "adapter_model.safetensors", names)
@@ -159,14 +139,14 @@ class AdapterWriter:
         self.stage.abort()
 
 
-def open_writer(recipe, out, plan, sources, *, extra_keys: list[str], dtype: torch.dtype, overwrite: bool = False):
-    """The writer for the recipe's output kind."""
+def open_writer(recipe, stage: StagedOutput, plan, sources, *, extra_keys: list[str], dtype: torch.dtype):
+    """The writer for the recipe's output kind, writing into ``stage``."""
     if recipe.output == "adapter":
-        return AdapterWriter(out, plan.modules, extra_keys, dtype=dtype, overwrite=overwrite)
+        return AdapterWriter(stage.out, plan.modules, extra_keys, dtype=dtype, stage=stage)
     if recipe.output == "bundle":
         from .bundle import BundleWriter
 
-        return BundleWriter(recipe, out, plan, sources, extra_keys=extra_keys, dtype=dtype, overwrite=overwrite)
+        return BundleWriter(recipe, stage.out, plan, sources, extra_keys=extra_keys, dtype=dtype, stage=stage)
     raise MergeError(f"output: {recipe.output} is not available for method {recipe.method.name!r}")
 
 

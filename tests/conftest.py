@@ -93,3 +93,37 @@ def write_recipe(path: Path, method: str, adapters: list[tuple[Path, float | Non
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    """The plugin's registration and patches, with mergekit's functions restored afterwards."""
+    pytest.importorskip("mergekit")
+    import mergekit.merge
+    from mergekit.io.tasks import LoaderCache
+
+    from lowrank_methods import mergekit_plugin
+
+    for owner, name in ((mergekit.merge, "run_merge"), (mergekit.merge, "_get_donor_model"), (LoaderCache, "get")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    mergekit_plugin.patch()
+    return mergekit.merge
+
+
+def raw_safetensors(path: Path, header: dict | bytes, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A safetensors file written byte by byte (header JSON as given, even when invalid), for hostile-input tests."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes((len(blob) if length is None else length).to_bytes(8, "little") + blob + data)
+    return path
+
+
+def listing(*dirs: Path) -> dict[str, list[str]]:
+    """Everything below each directory (for "nothing new on disk" checks)."""
+    return {str(d): sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else [] for d in dirs}
+
+
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    """What a push uploads from an output folder: every file but our local ownership marker."""
+    from lowrank_methods.staging import MARKER
+
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import dense_delta, merged_delta, write_adapter, write_recipe
+from conftest import folder_bytes, dense_delta, merged_delta, write_adapter, write_recipe
 from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
 from lowrank_methods.engine import run_merge
 from lowrank_methods.errors import MergeError
@@ -16,10 +16,6 @@ from lowrank_methods.recipe import load_recipe, parse_recipe
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
 SHAPES = {Q0: (12, 8), Q1: (12, 8)}
-
-
-def folder_bytes(path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

@@ -11,16 +11,12 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from conftest import write_adapter
+from conftest import folder_bytes, write_adapter
 from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
 from lowrank_methods.cli import main
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 8), "model.layers.1.mlp.down_proj": (8, 12)}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def folder_bytes(path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def hub_recipe(hub, tmp_path):

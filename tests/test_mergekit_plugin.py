@@ -121,21 +121,6 @@ def test_hook_acts_after_the_module_and_survives_plugin_failures(tmp, monkeypatc
 
 
 # -- with mergekit imported ------------------------------------------------------------------------------
-@pytest.fixture
-def patched(monkeypatch):
-    """The plugin's registration and patches, with mergekit's functions restored afterwards."""
-    pytest.importorskip("mergekit")
-    import mergekit.merge
-    from mergekit.io.tasks import LoaderCache
-
-    from lowrank_methods import mergekit_plugin
-
-    for owner, name in ((mergekit.merge, "run_merge"), (mergekit.merge, "_get_donor_model"), (LoaderCache, "get")):
-        monkeypatch.setattr(owner, name, getattr(owner, name))
-    mergekit_plugin.patch()
-    return mergekit.merge
-
-
 def test_patched_mergekit_code_is_the_code_the_patches_replace(patched):
     """Fails when mergekit's internals change under the patches (source hashes of mergekit 0.1.5)."""
     from mergekit.io.tasks import LoaderCache

@@ -113,14 +113,24 @@ def test_refuses_pickle_unless_allowed(tmp_path):
 
 def test_refuses_existing_output_unless_overwrite(tmp_path):
     a = good(tmp_path)
+    result, out = run_cli(tmp_path, [a])
+    assert result.exit_code == 0, result.output
+    result, _ = run_cli(tmp_path, [a])
+    assert result.exit_code == 1 and "previous merge" in result.output and "--overwrite" in result.output
+    result, _ = run_cli(tmp_path, [a], "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]
+
+
+def test_overwrite_never_replaces_a_directory_that_is_not_ours(tmp_path):
+    a = good(tmp_path)
     out = tmp_path / "outdir" / "merged"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
-    result, _ = run_cli(tmp_path, [a])
-    assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
-    assert (out / "keep.txt").read_text() == "mine"
-    result, _ = run_cli(tmp_path, [a], "--overwrite")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists()
+    for extra in ((), ("--overwrite",)):
+        result, _ = run_cli(tmp_path, [a], *extra)
+        assert result.exit_code == 1 and "did not write (keep.txt)" in result.output, result.output
+        assert (out / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]
 
 

@@ -58,6 +58,7 @@ def peft_delta(src: AdapterSource, module: str) -> torch.Tensor:
     ``autocast_adapter_dtype`` does on load.
     """
     a, b = src.read_stored(module)
+    src.to_factors(module, a, b)  # the same checks as the engine's (shapes, ranks, NaN/Inf) before any arithmetic
     if a.dtype in HALF or b.dtype in HALF:
         a, b = a.float(), b.float()
     product = b.flatten(1) @ a.flatten(1)

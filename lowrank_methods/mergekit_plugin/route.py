@@ -5,7 +5,9 @@
 2. Our methods run on our engine: ``output: adapter`` (or ``bundle``) writes what ``mergekit-lowrank merge``
    writes; ``output: model`` merges the factors into a small temporary adapter, then has mergekit's own
    planner and writer produce ``W0 + ΔW*`` as ``passthrough`` of ``base+<that adapter>`` through the direct
-   LoRA loader (sharding, dtype, tokenizer, ``--out-shard-size``, ``--cuda`` all mergekit's).
+   LoRA loader (sharding, dtype, tokenizer, ``--out-shard-size``, ``--cuda`` all mergekit's). Either way the
+   output is staged and committed as ``staging.py`` says: a previous output of ours is replaced (mergekit-yaml
+   has no ``--overwrite``), nothing else ever is; SIGTERM/SIGHUP clean up like Ctrl-C; errors are one line.
 3. Every other method goes to mergekit's own ``run_merge`` unchanged.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tempfile
 from pathlib import Path
 
 from ..errors import MergeError
@@ -22,16 +23,18 @@ from ..errors import MergeError
 def run_merge(merge_config, out_path: str, options, config_source: str | None = None):
     import mergekit.merge
 
+    from ..interrupts import terminate_as_interrupt
     from .patches import original
 
     try:
         recipe = check(merge_config, config_source)
         if recipe is None:
             return original(mergekit.merge, "run_merge")(merge_config, out_path, options, config_source=config_source)
-        if recipe.output == "model":
-            return _merge_to_model(recipe, merge_config, out_path, options, config_source)
-        return _merge_to_adapter(recipe, out_path, options)
-    except MergeError as e:
+        with terminate_as_interrupt():
+            if recipe.output == "model":
+                return _merge_to_model(recipe, merge_config, out_path, options, config_source)
+            return _merge_to_adapter(recipe, out_path, options)
+    except (MergeError, OSError, KeyboardInterrupt) as e:
         _fail(e)
 
 
@@ -95,47 +98,66 @@ def _check_stock_parameters(spec, merge_config) -> None:
 
 
 def _merge_to_adapter(recipe, out_path: str, options):
+    """mergekit-yaml has no --overwrite: a previous output of ours is replaced, nothing else ever is."""
     from ..engine import run_merge
 
-    out = Path(out_path)
-    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / "adapter_config.json").is_file())
-    return run_merge(recipe, out, device=options.device or "cpu", overwrite=replaceable, quiet=options.quiet,
+    return run_merge(recipe, Path(out_path), device=options.device or "cpu", overwrite=True, quiet=options.quiet,
                      write_card=options.write_model_card)
 
 
 def _merge_to_model(recipe, merge_config, out_path: str, options, config_source: str | None):
+    """The merged factors as a small adapter in the staging area's scratch, then mergekit's own planner and writer
+    produce ``W0 + ΔW*`` into the staging area, which is renamed into place."""
+    import time
+
     import mergekit.merge
     from mergekit.config import MergeConfiguration
 
-    from ..engine import _write_report, run_merge
+    from ..engine import DTYPES, _write_report, merge_into, prepare, resolve_device
+    from ..staging import StagedOutput
     from .patches import original
 
-    with tempfile.TemporaryDirectory(prefix="mergekit-lowrank-") as tmp:
-        adapter = Path(tmp) / "merged-adapter"  # the merged factors: adapter-sized, never base-sized
-        report = run_merge(dataclasses.replace(recipe, output="adapter", dtype="float32"), adapter,
-                           device=options.device or "cpu", quiet=options.quiet, write_card=False)
-        if report.base_model is None:
+    start = time.perf_counter()
+    with StagedOutput(out_path, overwrite=True, inputs=recipe.local_inputs()) as stage:
+        ready = prepare(dataclasses.replace(recipe, output="adapter", dtype="float32"), scratch=stage.scratch)
+        if ready.base is None:
             raise MergeError("output: model needs the base model; set base_model in the recipe")
+        adapter = stage.scratch / "merged-adapter"  # adapter-sized, never base-sized
+        with StagedOutput(adapter) as inner:
+            report = merge_into(ready, inner, dev=resolve_device(options.device or "cpu"), compute_dtype=DTYPES["float32"],
+                                quiet=options.quiet, write_card=False, start=start)
+            inner.commit()
         dense = MergeConfiguration(
-            merge_method="passthrough", models=[{"model": f"{report.base_model}+{adapter}"}], dtype=merge_config.dtype,
+            merge_method="passthrough", models=[{"model": f"{ready.base}+{adapter}"}], dtype=merge_config.dtype,
             out_dtype=merge_config.out_dtype, tokenizer_source=merge_config.tokenizer_source,
             tokenizer=merge_config.tokenizer, chat_template=merge_config.chat_template,
         )
-        original(mergekit.merge, "run_merge")(dense, out_path, options.model_copy(update={"write_model_card": False}))
-    report.output = "model"
-    _write_report(Path(out_path), report)
-    Path(out_path, "mergekit_config.yml").write_text(config_source or merge_config.to_yaml(), encoding="utf-8")
-    if options.write_model_card:
-        from ..card import write_card
+        original(mergekit.merge, "run_merge")(dense, str(stage.path), options.model_copy(update={"write_model_card": False}))
+        report.output = "model"
+        _write_report(stage.path, report)
+        (stage.path / "mergekit_config.yml").write_text(config_source or merge_config.to_yaml(), encoding="utf-8")
+        if options.write_model_card:
+            from ..card import write_card
 
-        write_card(Path(out_path), report)
+            write_card(stage.path, report)
+        stage.commit()
     return report
 
 
-def _fail(err: MergeError):
-    """One line: a click error inside ``mergekit-yaml`` (``Error: …``, exit 1), the MergeError elsewhere."""
+def _fail(err: BaseException):
+    """One line inside ``mergekit-yaml`` (``Error: …``, exit 1; an interrupt: its line and 128+signal);
+    elsewhere (mergekit's Python API) the exception itself."""
+    import sys
+
     import click
 
-    if click.get_current_context(silent=True) is not None:
-        raise click.ClickException(str(err)) from None
-    raise err
+    from ..errors import error_line
+    from ..interrupts import interrupted_line
+
+    if click.get_current_context(silent=True) is None:
+        raise err
+    if isinstance(err, KeyboardInterrupt):
+        line, code = interrupted_line(err)
+        click.echo(line, err=True)
+        sys.exit(code)
+    raise click.ClickException(error_line(err)) from err

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import math
 
-from ..errors import MergeError
+from ..errors import RecipeError
 from ..linalg import svd_of_product, truncate
 from ..rules import over_present_tasks
 from ..registry import MethodParams, ModuleResult, method
 
 
+def check_equal_ranks(params: MethodParams, weights, ranks) -> None:
+    """Averaging A's and B's needs one rank among the adapters that have the module."""
+    present = sorted({k for k in ranks if k})
+    if len(present) > 1:
+        raise RecipeError(f"linear_factors needs every adapter to have the same rank, got ranks {present}; "
+                          "use mtc, core_space or ctm instead", module=params.module or None)
+
+
 @method("linear_factors", params=MethodParams, pretty_name="Linear on factors (PEFT legacy, for comparison)",
-        reference_url="https://huggingface.co/docs/peft/main/en/developer_guides/model_merging")
+        reference_url="https://huggingface.co/docs/peft/main/en/developer_guides/model_merging", check=check_equal_ranks)
 @over_present_tasks
 def linear_factors(factors, weights, params: MethodParams) -> ModuleResult:
     """Weighted sums of the A's and of the B's (PEFT's `linear`); not a merge of the updates. Comparison only."""
-    ranks = {f.rank for f in factors}
-    if len(ranks) > 1:
-        raise MergeError(f"linear_factors needs every adapter to have the same rank, got ranks {sorted(ranks)}; "
-                         "use mtc, core_space or ctm instead", module=params.module or None)
+    check_equal_ranks(params, weights, [f.rank for f in factors])
     A = sum(math.copysign(math.sqrt(abs(w)), w) * f.A for f, w in zip(factors, weights))
     B = params.lambda_ * sum(math.sqrt(abs(w)) * f.B for f, w in zip(factors, weights))
     merged, stats = truncate(svd_of_product(B, A), None, factors[0].shape)

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..errors import MergeError
+from ..errors import RecipeError
 from ..factors import LoraFactors
 from ..linalg import svd_of_product
 from ..registry import MethodParams, ModuleResult, method
@@ -89,21 +89,25 @@ def max_components(T: int, center: bool) -> int:
     return T - 1 if center else T
 
 
-@method("rmm", params=RmmParams, pretty_name="Reversible Model Merging", reference_url="https://arxiv.org/abs/2510.14163",
-        output="bundle")
-def rmm(factors, weights, params: RmmParams) -> ModuleResult:
-    """A basis + per-task coefficients from which every adapter is rebuilt (exact at p = T−1, centred)."""
-    T = len(factors)
+def check_rmm(params: RmmParams, weights, ranks) -> None:
+    """What rmm refuses before computing: p beyond the exact point, lambda, non-positive weights."""
+    T = len(ranks)
     limit = max_components(T, params.center)
     if params.p > limit:
-        raise MergeError(f"rmm: p={params.p} is larger than possible for {T} adapters (center={params.center}): "
-                         f"p={limit} already reconstructs every adapter exactly; use p <= {limit}", module=params.module)
+        raise RecipeError(f"rmm: p={params.p} is larger than possible for {T} adapters (center={params.center}): "
+                          f"p={limit} already reconstructs every adapter exactly; use p <= {limit}")
     if params.lambda_ != 1.0:
-        raise MergeError("rmm rebuilds each adapter as it was; lambda does not apply to it, remove it from the recipe",
-                         module=params.module)
+        raise RecipeError("rmm rebuilds each adapter as it was; lambda does not apply to it, remove it from the recipe")
     if any(w <= 0 for w in weights):
-        raise MergeError(f"rmm weights are the tasks' importance in the PCA and must be > 0, got {list(weights)}",
-                         module=params.module)
+        raise RecipeError(f"rmm weights are the tasks' importance in the PCA and must be > 0, got {list(weights)}")
+
+
+@method("rmm", params=RmmParams, pretty_name="Reversible Model Merging", reference_url="https://arxiv.org/abs/2510.14163",
+        output="bundle", check=check_rmm)
+def rmm(factors, weights, params: RmmParams) -> ModuleResult:
+    """A basis + per-task coefficients from which every adapter is rebuilt (exact at p = T−1, centred)."""
+    check_rmm(params, weights, [f.rank for f in factors])
+    T = len(factors)
     m, n = factors[0].shape
     ranks = [f.rank for f in factors]
     r = max(ranks)
