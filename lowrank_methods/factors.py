@@ -16,30 +16,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
 
-from .errors import MergeError
+from .adapter_config import UNSUPPORTED_OPTIONS, AdapterConfig, parse_adapter_config, read_adapter_config
+from .adapter_config import check_config as _check_config
+from .errors import AdapterError, CorruptAdapterError, MergeError, UnsupportedAdapterError, short
+from .safetensors_io import DTYPE_NAMES, SafetensorsFile
 
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
     r"(?:\.(?P<name>[^.]+))?$"
 )
-# PEFT options whose adapters are not a plain sum of B @ A; merging them as LoRA would be silently wrong.
-UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA adapters rescale the whole weight and cannot be merged as B @ A; merge them into the base first",
-    "lora_bias": "adapters with lora_bias carry a bias that B @ A does not; retrain without lora_bias",
-    "use_qalora": "QA-LoRA adapters are not supported",
-    "layer_replication": "adapters with layer_replication are not supported",
-    "target_parameters": "adapters on target_parameters (e.g. MoE experts) are not supported",
-    "trainable_token_indices": "adapters with trainable_token_indices are not supported",
-}
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what PEFT trains and saves
+
+__all__ = ["AdapterSource", "LoraFactors", "ModuleLayout", "SafetensorsFile", "UNSUPPORTED_OPTIONS", "check_compatible",
+           "check_config", "LORA_KEY", "ADAPTER_FILES"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,10 @@ class ModuleLayout:
 
 @dataclass
 class AdapterSource:
-    """A PEFT LoRA adapter directory opened lazily: config parsed, key index built, no tensor read."""
+    """A PEFT LoRA adapter directory opened lazily: config parsed, key index built, no tensor read.
+
+    ``config`` is adapter_config.json as read (a plain dict); ``settings`` is the same, validated and typed
+    (``adapter_config.AdapterConfig``, with rank_pattern / alpha_pattern compiled)."""
 
     name: str
     path: Path
@@ -107,51 +109,58 @@ class AdapterSource:
     extra_keys: list[str] = field(default_factory=list)  # modules_to_save copies etc.
     weights_file: Path | None = None
     _file: "SafetensorsFile | None" = field(default=None, repr=False)
+    settings: AdapterConfig | None = field(default=None, repr=False)
+    _rank_alpha: dict = field(default_factory=dict, repr=False)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, name: str | None = None, *, allow_pickle: bool = False) -> "AdapterSource":
         path = Path(path)
         name = name or path.name
-        cfg_file = path / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise MergeError(f"no adapter_config.json in {path}; point the recipe at a PEFT adapter directory", adapter=name)
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MergeError(f"adapter_config.json is not valid JSON ({e.msg}); re-save the adapter with PEFT", adapter=name) from None
-        check_config(config, name)
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterError(f"no adapter_config.json in {short(str(path), 120)}; point the recipe at a PEFT adapter "
+                               "directory", adapter=name)
+        settings, config = read_adapter_config(path, adapter=name)
         weights = path / ADAPTER_FILES[0]
-        if not weights.is_file():
-            if (path / ADAPTER_FILES[1]).is_file():
-                if not allow_pickle:
-                    raise MergeError(
-                        "adapter_model.bin is a pickle file; convert it to safetensors or pass --allow-pickle "
-                        "(it is then loaded with weights_only=True)",
-                        adapter=name,
-                    )
-                weights = path / ADAPTER_FILES[1]
-            else:
-                raise MergeError(f"no adapter_model.safetensors in {path}", adapter=name)
-        all_keys = _list_keys(weights, name)
+        reader = None
+        if weights.is_file():
+            reader = SafetensorsFile(weights, adapter=name)
+            all_keys = list(reader.entries)
+        elif (path / ADAPTER_FILES[1]).is_file():
+            if not allow_pickle:
+                raise AdapterError("adapter_model.bin is a pickle file; convert it to safetensors", adapter=name,
+                                   flag="--allow-pickle", flag_hint="pass --allow-pickle to load it with weights_only=True")
+            weights = path / ADAPTER_FILES[1]
+            all_keys = list(_pickle_state(weights, name))
+        else:
+            raise AdapterError(f"no adapter_model.safetensors in {short(str(path), 120)}", adapter=name)
         keys: dict[str, dict[str, str]] = {}
         extra: list[str] = []
         for key in all_keys:
             if "lora_magnitude_vector" in key:
-                raise MergeError(f"{UNSUPPORTED_OPTIONS['use_dora']} (found {key})", adapter=name)
+                raise UnsupportedAdapterError(f"{UNSUPPORTED_OPTIONS['use_dora']} (found {short(key, 80)})", adapter=name)
             if ".lora_B.bias" in key or ".lora_A.bias" in key:
-                raise MergeError(f"{UNSUPPORTED_OPTIONS['lora_bias']} (found {key})", adapter=name)
+                raise UnsupportedAdapterError(f"{UNSUPPORTED_OPTIONS['lora_bias']} (found {short(key, 80)})", adapter=name)
             m = LORA_KEY.match(key.removesuffix(".weight"))
             if m:
-                keys.setdefault(m["module"], {})[m["part"]] = key
+                parts = keys.setdefault(m["module"], {})
+                if m["part"] in parts:  # e.g. x.lora_A.weight and x.lora_A.default.weight: which one is meant?
+                    raise CorruptAdapterError(f"has two {m['part']} tensors ({short(parts[m['part']], 80)} and "
+                                              f"{short(key, 80)})", adapter=name, module=m["module"])
+                parts[m["part"]] = key
             else:
                 extra.append(key)
         for module, parts in keys.items():
             if not ({"lora_A", "lora_B"} <= parts.keys() or {"lora_embedding_A", "lora_embedding_B"} <= parts.keys()):
-                raise MergeError(f"has only {sorted(parts)}; the adapter file is incomplete", adapter=name, module=module)
+                raise CorruptAdapterError(f"has only {sorted(parts)}; the adapter file is incomplete",
+                                          adapter=name, module=module)
         if not keys:
-            raise MergeError("contains no LoRA tensors (lora_A/lora_B); is it a LoRA adapter?", adapter=name)
-        return cls(name=name, path=path, config=config, keys=keys, extra_keys=extra, weights_file=weights)
+            raise AdapterError("contains no LoRA tensors (lora_A/lora_B); is it a LoRA adapter?", adapter=name)
+        source = cls(name=name, path=path, config=config, keys=keys, extra_keys=extra, weights_file=weights,
+                     _file=reader, settings=settings)
+        for module in keys:  # from the header alone: a malformed LoRA tensor is refused before anything is read
+            source._factor_shapes(module)
+        return source
 
     # -- per-module facts -------------------------------------------------------------------
     @property
@@ -160,52 +169,85 @@ class AdapterSource:
 
     @property
     def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
+        return self._settings().base_model_name_or_path
+
+    def _settings(self) -> AdapterConfig:
+        if self.settings is None:  # built by hand from a dict: validate it the same way
+            self.settings, _ = parse_adapter_config(json.dumps(self.config).encode(), adapter=self.name)
+        return self.settings
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
-        r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
-        return int(r), float(alpha)
+        """(r, lora_alpha) for ``module`` after rank_pattern / alpha_pattern, as PEFT resolves them."""
+        cached = self._rank_alpha.get(module)
+        if cached is None:
+            cached = self._rank_alpha[module] = self._settings().rank_alpha(module)
+        return cached
 
     def scale(self, module: str) -> float:
         r, alpha = self.rank_alpha(module)
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        s = alpha / math.sqrt(r) if self._settings().use_rslora else alpha / r
+        if not math.isfinite(s):
+            raise CorruptAdapterError(f"the LoRA scale lora_alpha/r = {alpha}/{r} is not finite", adapter=self.name,
+                                      module=module)
+        return s
 
     # -- reading ------------------------------------------------------------------------------
     def read_raw(self, key: str) -> torch.Tensor:
         if self.weights_file.suffix == ".bin":
-            return _pickle_state(self.weights_file)[key]
+            return _pickle_state(self.weights_file, self.name)[key]
         return self._reader().read(key)
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         if self.weights_file.suffix == ".bin":
-            return tuple(_pickle_state(self.weights_file)[key].shape)
+            return tuple(_pickle_state(self.weights_file, self.name)[key].shape)
         return self._reader().shape(key)
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        if self.weights_file.suffix == ".bin":
+            return _pickle_state(self.weights_file, self.name)[key].dtype
+        return self._reader().dtype(key)
 
     def _reader(self) -> "SafetensorsFile":
         if self._file is None:
-            self._file = SafetensorsFile(self.weights_file)
+            self._file = SafetensorsFile(self.weights_file, adapter=self.name)
         return self._file
+
+    def _factor_shapes(self, module: str) -> tuple[bool, tuple[int, ...], tuple[int, ...]]:
+        """(embedding?, shape of A, shape of B), checked to be LoRA factors: matrices (or a convolution's
+        kernels, B with 1s past its rank) of a floating dtype."""
+        parts = self.keys[module]
+        embedding = "lora_embedding_A" in parts
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        a, b = (self.shape_of(parts[n]) for n in names)
+        if embedding and (len(a) != 2 or len(b) != 2) or not embedding and (len(a) < 2 or len(b) != len(a)):
+            raise CorruptAdapterError(
+                f"LoRA tensors have shapes {short(list(a), 40)} and {short(list(b), 40)}; they must be matrices "
+                "(or convolution kernels)", adapter=self.name, module=module)
+        if len(a) > 2 and any(d != 1 for d in b[2:]):
+            raise CorruptAdapterError(f"convolution lora_B has kernel {short(list(b[2:]), 40)}, expected 1s",
+                                      adapter=self.name, module=module)
+        for part in names:
+            dtype = self.dtype_of(parts[part])
+            if dtype not in FACTOR_DTYPES:
+                raise UnsupportedAdapterError(
+                    f"{part} is stored as {DTYPE_NAMES.get(dtype, dtype)}; only float16, bfloat16, float32 and "
+                    "float64 LoRA factors can be merged", adapter=self.name, module=module)
+        return embedding, a, b
 
     def layout(self, module: str) -> ModuleLayout:
         """The module's layout from tensor shapes alone (header only, no data read); checks ranks."""
-        parts = self.keys[module]
-        embedding = "lora_embedding_A" in parts
-        a = self.shape_of(parts["lora_embedding_A" if embedding else "lora_A"])
-        b = self.shape_of(parts["lora_embedding_B" if embedding else "lora_B"])
+        embedding, a, b = self._factor_shapes(module)
         r, _ = self.rank_alpha(module)
         if a[0] != r or b[1] != r:
-            raise MergeError(
+            raise AdapterError(
                 f"tensors have rank {a[0]}/{b[1]} but the config says r={r} (check r and rank_pattern in adapter_config.json)",
                 adapter=self.name, module=module,
             )
         if embedding:
             return ModuleLayout("embedding", (a[1], b[0]))
         if len(a) > 2:
-            if any(d != 1 for d in b[2:]):
-                raise MergeError(f"convolution lora_B has kernel {b[2:]}, expected 1s", adapter=self.name, module=module)
             return ModuleLayout("conv", (b[0], math.prod(a[1:])), kernel=tuple(a[2:]))
-        if self.config.get("fan_in_fan_out"):
+        if self._settings().fan_in_fan_out:
             return ModuleLayout("linear", (a[1], b[0]), fan_in_fan_out=True)
         return ModuleLayout("linear", (b[0], a[1]))
 
@@ -222,11 +264,11 @@ class AdapterSource:
 
     def to_factors(self, module: str, a: torch.Tensor, b: torch.Tensor, dtype=torch.float32) -> LoraFactors:
         """Stored (A, B) → LoraFactors in the base layout with the scale folded into B; refuses NaN/Inf."""
+        layout = self.layout(module)  # shapes, dtypes and rank first: a malformed module never reaches arithmetic
         for t in (a, b):
             if not torch.isfinite(t).all():
-                raise MergeError("factors contain NaN or Inf; the adapter is corrupt or diverged in training",
-                                 adapter=self.name, module=module)
-        layout = self.layout(module)
+                raise CorruptAdapterError("factors contain NaN or Inf; the adapter is corrupt or diverged in training",
+                                          adapter=self.name, module=module)
         s = self.scale(module)
         a, b = a.to(dtype), b.to(dtype)
         if layout.kind == "embedding" or layout.fan_in_fan_out:
@@ -235,26 +277,14 @@ class AdapterSource:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The stored dtype of the factors (read from the first module)."""
+        """The stored dtype of the factors (of the first module's A; from the header, no data read)."""
         parts = next(iter(self.keys.values()))
-        return self.read_raw(parts.get("lora_A") or parts["lora_embedding_A"]).dtype
+        return self.dtype_of(parts.get("lora_A") or parts["lora_embedding_A"])
 
 
 def check_config(config: dict, name: str) -> None:
     """Refuse adapter configs whose update is not ``scale · B @ A`` (one line each)."""
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise MergeError(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged", adapter=name)
-    for option, why in UNSUPPORTED_OPTIONS.items():
-        if config.get(option):
-            raise MergeError(why, adapter=name)
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
-        raise MergeError(
-            f"init_lora_weights={init!r} also changes the base weights; convert the adapter to a plain LoRA first "
-            "(PEFT's path_initial_model_for_weight_conversion)",
-            adapter=name,
-        )
+    _check_config(config, name)
 
 
 def check_compatible(sources: Iterable[AdapterSource], *, base_model: str | None = None) -> str | None:
@@ -262,7 +292,7 @@ def check_compatible(sources: Iterable[AdapterSource], *, base_model: str | None
     sources = list(sources)
     bases = {s.base_model for s in sources if s.base_model}
     if base_model is None and len(bases) > 1:
-        listing = ", ".join(f"{s.name}: {s.base_model}" for s in sources)
+        listing = ", ".join(f"{s.name}: {short(s.base_model, 60)}" for s in sources)
         raise MergeError(f"adapters were trained on different base models ({listing}); set base_model in the recipe to merge anyway")
     fifo = {bool(s.config.get("fan_in_fan_out")) for s in sources}
     if len(fifo) > 1:
@@ -270,78 +300,40 @@ def check_compatible(sources: Iterable[AdapterSource], *, base_model: str | None
     return base_model or (bases.pop() if bases else None)
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _list_keys(weights: Path, name: str) -> list[str]:
-    try:
-        if weights.suffix == ".bin":
-            return list(_pickle_state(weights))
-        return list(SafetensorsFile(weights).entries)
-    except MergeError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise MergeError(f"cannot read {weights.name} ({e}); the file is corrupt or truncated", adapter=name) from None
-
-
-class SafetensorsFile:
-    """A safetensors file read tensor by tensor with positioned reads (``os.pread``).
-
-    Unlike the mmap behind ``safetensors.safe_open``, pages of modules already merged never stay mapped
-    into the process, so peak memory is bounded by the modules in flight, not by the file size.
-    """
-
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= 100_000_000:
-                raise ValueError(f"header length {size} is implausible")
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self.entries: dict[str, dict] = header
-        self.data_start = 8 + size
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.data_start + end > self.path.stat().st_size:
-            raise ValueError("the file is shorter than its header says (truncated)")
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def read(self, key: str) -> torch.Tensor:
-        entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        buf = bytearray(end - begin)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            view, done = memoryview(buf), 0
-            while done < len(buf):
-                n = os.preadv(fd, [view[done:]], self.data_start + begin + done)
-                if n <= 0:
-                    raise OSError(f"short read in {self.path.name}")
-                done += n
-        finally:
-            os.close(fd)
-        dtype = self.DTYPES[entry["dtype"]]
-        if not buf:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
-
-
 _PICKLES: dict[Path, dict] = {}
 
 
-def _pickle_state(path: Path) -> dict:
-    """A legacy pickle adapter, loaded once with weights_only=True (adapters are small)."""
-    if path not in _PICKLES:
-        _PICKLES[path] = torch.load(path, map_location="cpu", weights_only=True)
-    return _PICKLES[path]
+def _pickle_state(path: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A legacy pickle adapter, loaded once with weights_only=True (adapters are small), checked to be a state
+    dict of plain tensors."""
+    if path in _PICKLES:
+        return _PICKLES[path]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it did not write
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CorruptAdapterError(f"{path.name} holds objects other than tensors; it was not loaded (weights_only)",
+                                      adapter=name) from None
+        raise CorruptAdapterError(f"{path.name} is not a readable PyTorch checkpoint; the file is corrupt or truncated",
+                                  adapter=name) from None
+    except OSError as e:
+        raise AdapterError(f"cannot read {path.name} ({e.strerror or type(e).__name__})", adapter=name) from None
+    except Exception:  # zip errors, EOFError, KeyError, …: torch's own messages are long and multi-line
+        raise CorruptAdapterError(f"{path.name} is not a readable PyTorch checkpoint; the file is corrupt or truncated",
+                                  adapter=name) from None
+    if not isinstance(state, dict):
+        raise CorruptAdapterError(f"{path.name} holds a {type(state).__name__}, not a dict of tensors", adapter=name)
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CorruptAdapterError(f"{path.name} has a key {short(key, 40)} that is not a string", adapter=name)
+        if not isinstance(value, torch.Tensor):
+            raise CorruptAdapterError(f"{path.name} holds {type(value).__name__} under {short(key, 80)}, not a tensor",
+                                      adapter=name)
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            raise CorruptAdapterError(f"{path.name} holds a {value.layout} tensor under {short(key, 80)}; "
+                                      "only dense tensors are supported", adapter=name)
+    state = {k: v.detach() for k, v in state.items()}
+    _PICKLES[path] = state
+    return state
