@@ -187,13 +187,13 @@ def _body(d: dict, repo_id: str | None, plot: str | None) -> str:
     n, output, base = len(d["adapters"]), d.get("output", "adapter"), d.get("base_model")
     title = repo_id.split("/")[-1] if repo_id else {"model": "Merged model", "bundle": "Reversible LoRA bundle"}.get(
         output, "Merged LoRA adapter")
-    base_text = _link(base) if base else "its base model"
+    base_text = _link(base, d.get("base_model_on_hub")) if base else "its base model"
     what = {"adapter": f"a LoRA adapter for {base_text}: {n} LoRA adapters merged into one",
             "model": f"{base_text} with {n} LoRA adapters merged into its weights",
             "bundle": f"a reversible bundle (RMM) of {n} LoRA adapters for {base_text}: a shared basis plus per-adapter "
                       "coefficients, from which each source adapter can be reconstructed"}[output]
     lines = [f"# {title}", "", f"This is {what}, with **{d['pretty_name']}** (`{d['method']}`) by "
-             "[mergekit-lowrank](https://pypi.org/project/mergekit-lowrank/).", ""]
+             "mergekit-lowrank, the low-rank merge methods plugin for [mergekit](https://github.com/arcee-ai/mergekit).", ""]
     lines += _sources(d["adapters"], output) + _method(d) + _usage(d, repo_id) + _report(d, plot)
     lines += ["## Recipe", "", "```yaml", d.get("recipe", "").strip(), "```", ""]
     paper = PAPERS.get(d["method"])
@@ -207,7 +207,7 @@ def _sources(adapters: list[dict], output: str) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for i, a in enumerate(adapters, 1):
         scales = ", ".join(f"{s:g}" for s in a.get("scales", [])) + (" (rsLoRA)" if a.get("rslora") else "")
-        lines.append(f"| {i} | {_link(a['source'])} | {a.get('revision') or ''} | {_listing(a.get('ranks', []))} | "
+        lines.append(f"| {i} | {_link(a['source'], a.get('on_hub'))} | {a.get('revision') or ''} | {_listing(a.get('ranks', []))} | "
                      f"{scales} | {a.get('weight', 1.0)} | {a.get('modules', '')} |")
     folded = {"adapter": "it is folded into the merged factors, so the result has `lora_alpha == r`",
               "model": "it is folded into the merged update added to the base weights",
@@ -258,9 +258,15 @@ def _usage(d: dict, repo_id: str | None) -> list[str]:
         lines += [f"hf download {repo_id} --local-dir {folder}"] if repo_id else []
         lines += [f"mergekit-lowrank reconstruct {folder} {task} {task}-adapter", "```", ""]
         where = f"{task}-adapter"
-    return lines + ["```python", "from peft import PeftModel", f"from transformers import {auto}", "",
-                    f'base = {auto}.from_pretrained({base})', f'model = PeftModel.from_pretrained(base, "{where}")',
-                    "```", ""]
+    lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}", "",
+              f'base = {auto}.from_pretrained({base})', f'model = PeftModel.from_pretrained(base, "{where}")', "```", ""]
+    if d.get("base_model_on_hub", True) is False or not d.get("base_model"):
+        lines += ["The base model was a local directory when this was merged: pass that directory (or the Hub id of "
+                  "the same model) to `from_pretrained` above.", ""]
+    else:
+        lines += ["`from_pretrained` downloads the base model from the Hub; offline (`HF_HUB_OFFLINE=1`) it needs a "
+                  "cached copy, or pass the path of a local copy instead.", ""]
+    return lines
 
 
 def _report(d: dict, plot: str | None) -> list[str]:
@@ -269,7 +275,9 @@ def _report(d: dict, plot: str | None) -> list[str]:
     lines = ["## Merge report", "", f"{len(modules)} modules merged in {d.get('seconds', 0.0):.1f} s on "
              f"{d.get('device', 'cpu')}."]
     if "rank_min" in s:
-        lines.append(f"Output rank {s['rank_min']:g} to {s['rank_max']:g}.")
+        same = s["rank_min"] == s["rank_max"]
+        lines.append(f"Output rank {s['rank_min']:g}." if same else
+                     f"Output rank {s['rank_min']:g} to {s['rank_max']:g}, per module.")
     if "retained_energy_min" in s:
         lines.append(f"Retained energy (the share of each module's target update that the written factors keep, "
                      f"1 = exact) min {s['retained_energy_min']:.4f}, median {s['retained_energy_median']:.4f}.")
@@ -339,9 +347,12 @@ def _is_hub_id(s: str) -> bool:
     return bool(HUB_ID.fullmatch(s.partition("@")[0])) and not Path(s).expanduser().exists()
 
 
-def _link(source: str) -> str:
+def _link(source: str, on_hub: bool | None = None) -> str:
+    """A Hub link for a Hub id, plain code for a local path. ``on_hub`` is what the merge itself resolved (stored in
+    the report), so the card does not depend on the directory it is rendered from; old reports lack it."""
     repo = source.partition("@")[0]
-    return f"[{source}](https://huggingface.co/{repo})" if _is_hub_id(source) else f"`{source}`"
+    hub = _is_hub_id(source) if on_hub is None else on_hub and bool(HUB_ID.fullmatch(repo))
+    return f"[{source}](https://huggingface.co/{repo})" if hub else f"`{source}`"
 
 
 def _listing(values: list) -> str:

@@ -74,21 +74,42 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="also read adapter_model.bin (loaded with weights_only=True)")
 @click.option("--no-card", is_flag=True, help="do not write README.md")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="modules merged at once, one CPU thread each [default: the cores this process may use]")
+@click.option("--out-shard-size", metavar="SIZE", default=None,  # output: model (full_model_writer.py)
+              help="output: model: bytes per weights file, e.g. 500M, 5B (mergekit's notation) [default: 5B]")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None,
               help="upload OUT to this Hub repo once the merge succeeded")
 @hub_options
 @one_line_errors
-def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, push_to_hub, **hub):
+def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, threads, out_shard_size, push_to_hub,
+          **hub):
     """Merge the adapters listed in RECIPE into OUT."""
     from .engine import run_merge
     from .hub import check_can_push
-    from .recipe import load_recipe
+    from .mergekit_plugin.dense_run import is_full_model_recipe, run_full_model_merge
+    from .recipe import parse_recipe, read_recipe_text
+    from .threads import check_threads
 
+    text = read_recipe_text(recipe)
+    threads = check_threads(threads)
+    if out_shard_size is not None:  # a bad size fails before the merge
+        from .full_model_writer import parse_shard_size
+
+        out_shard_size = parse_shard_size(out_shard_size)
     if push_to_hub:  # a missing token or a bad repo id fails before the merge, not after it
         check_can_push(push_to_hub, revision=hub["revision"], create_pr=hub["create_pr"])
+    if is_full_model_recipe(text):  # lore: full fine-tuned models, planned and written by mergekit
+        run_full_model_merge(text, out, overwrite=overwrite, device=device, quiet=quiet, write_card=not no_card)
+        if not quiet:
+            click.echo(f"wrote {out}: full model merged by mergekit")
+        if push_to_hub:
+            push_folder(out, push_to_hub, quiet=quiet, **hub)
+        return
 
-    report = run_merge(load_recipe(recipe), out, device=device, precision=precision, overwrite=overwrite,
-                       allow_pickle=allow_pickle, quiet=quiet, write_card=not no_card)
+    report = run_merge(parse_recipe(text), out, device=device, precision=precision, overwrite=overwrite,
+                       allow_pickle=allow_pickle, quiet=quiet, write_card=not no_card, threads=threads,
+                       out_shard_size=out_shard_size)
     if not quiet:
         s = report.summary()
         energy = f", retained energy min {s['retained_energy_min']:.4f} / median {s['retained_energy_median']:.4f}" \
@@ -113,9 +134,15 @@ def validate(recipe, allow_pickle):
     import tempfile
 
     from .engine import check_factors, prepare
-    from .recipe import load_recipe
+    from .mergekit_plugin.dense_run import is_full_model_recipe, mergekit_config
+    from .recipe import parse_recipe, read_recipe_text
 
-    parsed = load_recipe(recipe)
+    text = read_recipe_text(recipe)
+    if is_full_model_recipe(text):
+        config = mergekit_config(text)
+        click.echo(f"ok: {config.merge_method} over {len(config.referenced_models())} full models (merged by mergekit)")
+        return
+    parsed = parse_recipe(text)
     with tempfile.TemporaryDirectory(prefix="mergekit-lowrank-validate-") as scratch:
         ready = prepare(parsed, allow_pickle=allow_pickle, scratch=Path(scratch))
         check_factors(ready)
@@ -152,10 +179,12 @@ def push_cmd(out, repo_id, **hub):
 @main.command("methods")
 def methods_cmd():
     """List the merge methods."""
+    from .methods import lore
     from .registry import list_methods
 
     for m in list_methods():
         click.echo(f"{m.name:18s} {m.summary}")
+    click.echo(f"{'lore':18s} {lore.SUMMARY}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The streaming merge: recipe → sources → plan → (load → device → method → CPU → writer) per module.
 
-Peak memory is a few modules' factors plus one method's scratch: module i+1 is read by a prefetch
-thread while module i computes, and each result is streamed to disk by the writer.
+Peak memory is a few modules' factors plus the workers' scratch: a prefetch thread reads the next module's
+bytes, ``threads`` workers merge different modules at once (each with one intra-op thread, see threads.py),
+and the results reach the writer strictly in plan order, so the output does not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import math
 import re
 import statistics
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,6 +80,7 @@ class MergeReport:
     seconds: float = 0.0
     device: str = "cpu"
     recipe: str = ""
+    base_model_on_hub: bool | None = None  # decided once, at merge time: the card links Hub ids only
 
     def summary(self) -> dict[str, float]:
         energies = [s["retained_energy"] for s in self.modules.values() if s.get("retained_energy") is not None]
@@ -162,23 +166,33 @@ def run_merge(
     allow_pickle: bool = False,
     quiet: bool = False,
     write_card: bool = True,
+    threads: int | None = None,
+    out_shard_size: int | str | None = None,
 ) -> MergeReport:
-    """Merge the recipe's adapters module by module and write the result atomically to ``out``."""
+    """Merge the recipe's adapters module by module and write the result atomically to ``out``.
+    ``threads``: modules merged at once (default: the cores this process may run on).
+    ``out_shard_size``: bytes per weights file of ``output: model`` (int, or "500M", "5B"; default 5B)."""
     from .staging import StagedOutput
+    from .threads import check_threads
 
     start = time.perf_counter()
     dev = resolve_device(device)
+    threads = check_threads(threads)
     with StagedOutput(out, overwrite=overwrite, inputs=recipe.local_inputs()) as stage:
         ready = prepare(recipe, allow_pickle=allow_pickle, scratch=stage.scratch)
         report = merge_into(ready, stage, dev=dev, compute_dtype=DTYPES[precision], quiet=quiet, write_card=write_card,
-                            start=start)
+                            start=start, threads=threads,
+                            writer_options={"shard_size": out_shard_size} if out_shard_size is not None else None)
         stage.commit()
     return report
 
 
 def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torch.dtype, quiet: bool,
-               write_card: bool, start: float) -> MergeReport:
-    """The streaming loop: every module merged and handed to the writer, which writes into ``stage.path``."""
+               write_card: bool, start: float, threads: int | None = None,
+               writer_options: dict | None = None) -> MergeReport:
+    """The streaming loop: every module merged (``threads`` at once on the CPU) and handed to the writer in plan
+    order, which writes into ``stage.path``."""
+    from .threads import intra_op_threads, plan_threads
     from .writers import open_writer
 
     recipe, sources, base, plan = ready.recipe, ready.sources, ready.base, ready.plan
@@ -188,19 +202,27 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
         output=recipe.output, base_model=base, task_type=first.get("task_type"),
         adapters=[_describe(ref, src) for ref, src in zip(recipe.adapters, sources)],
         parameters=dict(recipe.settings), device=str(dev), recipe=recipe.text,
+        base_model_on_hub=None if base is None else not Path(base.partition("@")[0]).expanduser().exists(),
     )
     out_dtype = DTYPES[recipe.dtype] if recipe.dtype else sources[0].dtype
     extras = _carried_tensors(sources)
-    writer = open_writer(recipe, stage, plan, sources, extra_keys=list(extras), dtype=out_dtype)
+    writer = open_writer(recipe, stage, plan, sources, extra_keys=list(extras), dtype=out_dtype,
+                         base=base, **(writer_options or {}))  # base, writer_options: output: model (full_model_writer.py)
+    use = plan_threads(threads, dev)
+
+    def compute(module: str, stored: list) -> ModuleResult:  # in a worker thread
+        factors = _to_factors(sources, plan, module, stored, compute_dtype)
+        t = plan.t(module)
+        return _merge_module(recipe, module, [f.to(dev) for f in factors], recipe.weights_for(module, t),
+                             recipe.params_for(module, t))
+
     try:
-        for module, stored in tqdm(_prefetched(plan.modules, _module_reader(sources)), total=len(plan.modules),
-                                   desc="merging modules", unit="module", disable=quiet):
-            factors = _to_factors(sources, plan, module, stored, compute_dtype)
-            t = plan.t(module)
-            result = _merge_module(recipe, module, [f.to(dev) for f in factors], recipe.weights_for(module, t),
-                                   recipe.params_for(module, t))
-            writer.add(module, plan.layouts[module], result)
-            report.modules[module] = dict(result.stats)
+        with intra_op_threads(use.intra_op), closing(_merged(plan.modules, _module_reader(sources), compute,
+                                                             use.workers)) as merged:
+            for module, result in tqdm(merged, total=len(plan.modules), desc="merging modules", unit="module",
+                                       disable=quiet):
+                writer.add(module, plan.layouts[module], result)
+                report.modules[module] = dict(result.stats)
         for key, (module, src) in extras.items():
             writer.add_extra(key, src.read_raw(key).to(out_dtype), module)
         report.seconds = time.perf_counter() - start
@@ -255,11 +277,37 @@ def _prefetched(modules: list[str], load: Callable[[str], list]) -> Iterator[tup
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         pending = pool.submit(load, modules[0])
-        for i, module in enumerate(modules):
-            loaded = pending.result()
-            if i + 1 < len(modules):
-                pending = pool.submit(load, modules[i + 1])
-            yield module, loaded
+        try:
+            for i, module in enumerate(modules):
+                loaded = pending.result()
+                if i + 1 < len(modules):
+                    pending = pool.submit(load, modules[i + 1])
+                yield module, loaded
+        finally:
+            pending.cancel()
+
+
+def _merged(modules: list[str], load: Callable[[str], list], compute: Callable[[str, list], ModuleResult],
+            workers: int) -> Iterator[tuple[str, ModuleResult]]:
+    """Yield (module, ``compute(module, load(module))``) in the order of ``modules``, ``workers`` modules computed
+    at once. The lookahead is bounded: at most ``workers + 1`` modules are submitted and not yet yielded (plus the
+    one being read), so memory stays a few modules. A module's error is raised when its turn comes, so the
+    first failing module in plan order is the one reported, whatever the thread count."""
+    with closing(_prefetched(modules, load)) as reads, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+        window: deque = deque()
+        try:
+            for module, stored in reads:
+                window.append((module, pool.submit(compute, module, stored)))
+                if len(window) > workers:
+                    done, future = window.popleft()
+                    yield done, future.result()
+            while window:
+                done, future = window.popleft()
+                yield done, future.result()
+        finally:  # an error, an interrupt or the consumer stopping: queued modules never start
+            for _, future in window:
+                future.cancel()
 
 
 def _carried_tensors(sources: list[AdapterSource]) -> dict[str, tuple[str, AdapterSource]]:
@@ -288,7 +336,8 @@ def _describe(ref, src: AdapterSource) -> dict:
     ranks = sorted({src.rank_alpha(m)[0] for m in src.modules})
     scales = sorted({round(src.scale(m), 6) for m in src.modules})
     weight = ref.settings.get("weight", 1.0)
-    return {"name": ref.name, "source": ref.adapter, "revision": ref.revision, "base": ref.base, "ranks": ranks,
+    return {"name": ref.name, "source": ref.adapter, "on_hub": not Path(ref.adapter).expanduser().exists(),
+            "revision": ref.revision, "base": ref.base, "ranks": ranks,
             "scales": scales, "rslora": bool(src.config.get("use_rslora")), "modules": len(src.modules),
             "weight": weight if isinstance(weight, (int, float)) else str(weight)}
 

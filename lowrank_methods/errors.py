@@ -8,6 +8,7 @@ A small hierarchy so that callers (and tests) can tell kinds apart, each keeping
         UnsupportedAdapterError     a valid adapter whose update is not scale·B@A (DoRA, lora_bias, …)
         CorruptAdapterError         files that break their own format (headers, configs, NaN)
       BundleError                   a reversible bundle
+      BaseModelError                the base model of ``output: model`` (missing, unreadable, not fitting)
       HubError                      the Hugging Face Hub
       OutputError                   the output directory
         OutputExistsError           it exists and may not be replaced
@@ -65,6 +66,10 @@ class CorruptAdapterError(AdapterError):
 
 class BundleError(MergeError):
     """A reversible bundle is missing, malformed or corrupt."""
+
+
+class BaseModelError(MergeError):
+    """The base model of ``output: model`` is missing, unreadable or does not fit the adapters."""
 
 
 class HubError(MergeError):

@@ -46,20 +46,31 @@ def resolve_adapter(ref: AdapterRef, *, allow_pickle: bool = False) -> Path:
                      "it is not a PEFT adapter or a transformers model", adapter=ref.name)
 
 
+BASE_MODEL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*", "chat_template*"]
+
+
 def resolve_model(name: str, *, allow_pickle: bool = False) -> Path:
     """A base model (``output: model``) as a local directory: ``name`` itself or ``org/name[@revision]`` from the Hub
-    (config, tokenizer and safetensors weights only)."""
+    (config, tokenizer and other small metadata files first, then only the safetensors weights its
+    ``model.safetensors.index.json`` lists, or every ``*.safetensors`` when it has no index)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     repo_id, _, revision = name.partition("@")
     if not HUB_ID.fullmatch(repo_id):
         raise MergeError(f"base model {name!r} is neither a local directory nor a Hub repo id (org/name[@revision])")
-    patterns = MODEL_FILES + (["pytorch_model*.bin"] if allow_pickle else [])
-    folder = download(repo_id, revision or None, patterns, who=f"base model {repo_id}")
+    who = f"base model {repo_id}"
+    folder = download(repo_id, revision or None, BASE_MODEL_FILES, who=who)
     if not (folder / "config.json").is_file():
         raise MergeError(f"Hub repo {repo_id} has no config.json; it is not a transformers model")
-    return folder
+    weights = ["*.safetensors"]
+    try:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
+        listed = sorted({f for f in weight_map.values() if isinstance(f, str)})
+        weights = listed or weights
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no (usable) index: every safetensors file, the model reader then checks them
+    return download(repo_id, revision or None, weights + (["pytorch_model*.bin"] if allow_pickle else []), who=who)
 
 
 def download(repo_id: str, revision: str | None, patterns: list[str], *, who: str) -> Path:

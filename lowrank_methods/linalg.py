@@ -101,7 +101,7 @@ def truncate(svd: LowRankSVD, rank: int | float | None, shape: tuple[int, int]) 
         k = min(energy_rank(svd.S, rank), exact)
     else:
         k = min(int(rank), exact)
-    return svd.factors(k), {"rank": float(k), "retained_energy": svd.retained_energy(k)}
+    return svd.factors(k), {"rank": k, "retained_energy": svd.retained_energy(k)}
 
 
 def _top_left(X: torch.Tensor, k: int) -> torch.Tensor:

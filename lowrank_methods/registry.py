@@ -13,11 +13,12 @@ To add a method: write ``methods/<name>.py`` with a ``@method(...)`` function an
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import Annotated
 
 from .errors import RecipeError, short
@@ -48,7 +49,7 @@ class ModuleResult:
     """One module's merge result: merged factors (scale 1), statistics, and optional bundle tensors."""
 
     factors: LoraFactors | None
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float | int] = field(default_factory=dict)  # counts (rank, p) as ints
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device=None, dtype=None) -> "ModuleResult":
@@ -77,7 +78,20 @@ class Method:
         try:
             return self.params.model_validate(values)
         except ValidationError as e:
-            raise RecipeError(f"bad parameters for method {self.name!r}: {_one_line(e)}") from e
+            raise RecipeError(f"bad parameters for method {self.name!r}: {_one_line(e, self.parameter_names)}") from e
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """The names a recipe may set (aliases where a field has one; ``module`` is the engine's)."""
+        return [f.alias or n for n, f in self.params.model_fields.items() if n != "module"]
+
+    def validator(self, name: str) -> Callable:
+        """The type check mergekit's ``evaluate_setting`` applies to each value of parameter ``name`` (lax, like
+        mergekit's ``TypeAdapter(value_type)``); unknown names pass through and are refused by ``parse_params``."""
+        for n, f in self.params.model_fields.items():
+            if name in (n, f.alias):
+                return _type_adapter(f.annotation).validate_python
+        return lambda value: value
 
 
 _METHODS: dict[str, Method] = {}
@@ -116,12 +130,23 @@ def list_methods() -> list[Method]:
     return [_METHODS[k] for k in sorted(_METHODS)]
 
 
-def _one_line(err: Exception) -> str:
+@functools.lru_cache(maxsize=None)
+def _type_adapter(annotation) -> TypeAdapter:
+    return TypeAdapter(annotation)
+
+
+def _one_line(err: Exception, known: list[str] | None = None) -> str:
+    """A pydantic error as one line; a name the model does not take gets a "did you mean" from ``known``."""
     errors = getattr(err, "errors", None)
     if callable(errors):
         parts = []
         for e in errors():
             loc = ".".join(short(x, 40) if not isinstance(x, str) else x[:40] for x in e.get("loc", ())) or "parameters"
+            if e.get("type") == "extra_forbidden" and known is not None:
+                close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(known) or 'none'}"
+                parts.append(f"{loc}: not a parameter of this method; {hint}")
+                continue
             parts.append(f"{loc}: {e.get('msg')}")
         return "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
     return str(err).replace("\n", " ")

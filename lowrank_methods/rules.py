@@ -7,6 +7,8 @@ by the caller before the rule (X_t = w_t ΔW_t, as PEFT and mergekit do), λ aft
     ta        Σ_t X_t                                                    (Ilharco et al. 2212.04089)
     ties      trim each X_t to its top-`density` magnitudes, elect γ = sign(Σ_t X̂_t),
               mean of the entries agreeing with γ                         (Yadav et al. 2306.01708)
+              (PEFT's disjoint mean: ÷ the count of agreeing entries; mergekit's `ties` divides by the
+              sum of their *weights* instead: ``ties_weighted`` below, used only by the `ties` alias)
     dare      Σ_t X_t ⊙ m_t / (1-p),  m_t ~ Bernoulli(1-p)               (Yu et al. 2311.03099)
     dare_ties DARE drop-and-rescale, then TIES
     tsv       per-task top singular triplets, U and V orthogonalised by their polar factors
@@ -22,7 +24,7 @@ import zlib
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from .factors import LoraFactors
 from .linalg import numerical_rank, polar
@@ -43,6 +45,28 @@ class RuleParams(MethodParams):
     common_space_fraction: float = Field(0.8, gt=0, le=1, description="Iso-CTS: share of the spectrum kept common")
     tsv_components: PositiveInt | None = Field(None, description="TSV: singular triplets kept per task (None: min(p,q)/T)")
 
+    @model_validator(mode="after")
+    def _knobs_of_the_chosen_rule_only(self):
+        """A knob the chosen rule does not read would be silently ignored: refuse it instead."""
+        unused = sorted(k for k in self.model_fields_set & ALL_KNOBS if k not in RULE_KNOBS[self.rule])
+        if unused:
+            users = sorted(r for r, knobs in RULE_KNOBS.items() if unused[0] in knobs)
+            raise ValueError(f"{unused[0]} is read by rule {' / '.join(users)}, not by rule {self.rule!r}; remove it "
+                             "or choose that rule")
+        return self
+
+
+RULE_KNOBS: dict[str, set[str]] = {  # the RuleParams fields each rule reads
+    "ta": set(),
+    "ties": {"density", "majority_sign_method"},
+    "dare": {"drop_rate", "seed"},
+    "dare_ties": {"density", "majority_sign_method", "drop_rate", "seed"},
+    "tsv": {"tsv_components"},
+    "iso_c": set(),
+    "iso_cts": {"common_space_fraction"},
+}
+ALL_KNOBS = set().union(*RULE_KNOBS.values())
+
 
 def module_generator(params: RuleParams, device, stream: str = "") -> torch.Generator:
     """A private generator seeded from (seed, module name[, stream]) by CRC32: same recipe → same draws,
@@ -61,7 +85,7 @@ def over_present_tasks(fn):
         kept = [(f, w) for f, w in zip(factors, weights) if f.rank > 0]
         if not kept:
             f = factors[0]
-            return ModuleResult(LoraFactors.zeros(f.shape, f.A.dtype, f.A.device), {"rank": 0.0, "retained_energy": 1.0})
+            return ModuleResult(LoraFactors.zeros(f.shape, f.A.dtype, f.A.device), {"rank": 0, "retained_energy": 1.0})
         return fn([f for f, _ in kept], [w for _, w in kept], params)
 
     return wrapper
@@ -121,6 +145,57 @@ def elect_and_merge(X: torch.Tensor, majority_sign_method: SignMethod = "total")
 def ties(X: torch.Tensor, density: float, majority_sign_method: SignMethod = "total") -> torch.Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean."""
     return elect_and_merge(trim(X, density), majority_sign_method)
+
+
+# -- mergekit's TIES (generalized_task_arithmetic.py: magnitude sparsification, consensus "sum") ----------
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below it
+
+
+def mergekit_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's ``sparsify.magnitude`` as a threshold on |x|: density ≥ 1 keeps everything, ≤ 0 nothing, else
+    the top k = max(1, ⌊density·numel⌋) magnitudes (mergekit keeps exactly k, breaking equal magnitudes in
+    argsort's order; this keeps every entry equal to the k-th, which differs only on exactly tied magnitudes)."""
+    if density >= 1 or x.numel() == 0:
+        return x.new_zeros(())
+    if density <= 0:
+        return x.new_tensor(float("inf"))
+    return magnitude_threshold(x, density)
+
+
+def l1_rescale(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``rescale: true`` (L1): ‖x‖₁ / ‖x ⊙ [|x| ≥ threshold]‖₁, or 1 when either is below 1e-7."""
+    before = x.abs().sum()
+    after = (x.abs() * (x.abs() >= threshold)).sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return x.new_ones(())
+    return before / after
+
+
+def weighted_disjoint_merge(X: torch.Tensor, weights, normalize: bool = True) -> torch.Tensor:
+    """mergekit's TIES steps 2-3 on X_t = w_t x̂_t (T, p, q): γ = sign(Σ_t X_t) (ties → +), agree_t = [sign X_t = γ]
+    (a zero never agrees), then Σ_t X_t·agree_t, divided (``normalize``) by Σ_t w_t·agree_t (0 → 1).
+    With equal weights this is ``elect_and_merge``'s disjoint mean times the weight; otherwise it differs."""
+    w = torch.as_tensor(weights, dtype=X.dtype, device=X.device).reshape(-1, *([1] * (X.ndim - 1)))
+    sign = X.sign()
+    majority = torch.where(X.sum(0) >= 0, 1.0, -1.0).to(X.dtype)
+    agree = sign == majority
+    merged = (X * agree).sum(0)
+    if not normalize:
+        return merged
+    divisor = (w * agree).sum(0)
+    return merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def ties_weighted(D: torch.Tensor, weights, density: float = 1.0, *, normalize: bool = True,
+                  rescale: bool = False) -> torch.Tensor:
+    """mergekit's ``ties`` on the *unweighted* task stack D (T, p, q), before λ: each D_t trimmed to its top
+    `density` magnitudes (and, with ``rescale``, L1-rescaled), weighted, then ``weighted_disjoint_merge``."""
+    parts = []
+    for d, w in zip(D, weights):
+        threshold = mergekit_threshold(d, density)
+        scale = l1_rescale(d, threshold) if rescale and 0 < density < 1 else 1.0
+        parts.append(w * scale * (d * (d.abs() >= threshold)))
+    return weighted_disjoint_merge(torch.stack(parts), weights, normalize)
 
 
 def dare(X: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -139,8 +139,14 @@ class AdapterWriter:
         self.stage.abort()
 
 
-def open_writer(recipe, stage: StagedOutput, plan, sources, *, extra_keys: list[str], dtype: torch.dtype):
-    """The writer for the recipe's output kind, writing into ``stage``."""
+def open_writer(recipe, stage: StagedOutput, plan, sources, *, extra_keys: list[str], dtype: torch.dtype,
+                base: str | None = None, **options):
+    """The writer for the recipe's output kind, writing into ``stage``. ``base`` (the shared base model) and
+    ``options`` (``shard_size``, ``copy_tokenizer``) are for ``output: model``; the other writers ignore them."""
+    if recipe.output == "model":
+        from .full_model_writer import FullModelWriter
+
+        return FullModelWriter(recipe, stage, plan, sources, extra_keys=extra_keys, base=base, **options)
     if recipe.output == "adapter":
         return AdapterWriter(stage.out, plan.modules, extra_keys, dtype=dtype, stage=stage)
     if recipe.output == "bundle":

@@ -153,3 +153,21 @@ def test_scrub_text_removes_home_as_a_path_only(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     text = scrub_text(f"model: /home/alice/loras/a\nother: org/home/alicea\ntoken: {FAKE_TOKEN} hf_{'x' * 34}\n")
     assert text == "model: ~/loras/a\nother: org/home/alicea\ntoken: <token> <token>\n"
+
+
+def test_local_sources_stay_local_whatever_directory_renders_the_card(tmp_path, monkeypatch):
+    """`adapters/x` relative to the merge's directory is decided local at merge time and stored; rendering the card
+    from another directory (where `adapters/x` does not exist) must not turn it into a Hub link."""
+    work = tmp_path / "work"
+    a = write_adapter(work / "adapters" / "math-lora", SHAPES, seed=1)
+    b = write_adapter(work / "adapters" / "code-lora", SHAPES, seed=2)
+    monkeypatch.chdir(work)
+    recipe = write_recipe(work / "r.yml", "mtc", [(a.relative_to(work), None), (b.relative_to(work), None)], {"rank": 2})
+    run_merge(load_recipe(recipe), work / "out", quiet=True)
+    data = json.loads((work / "out" / "merge_report.json").read_text())
+    assert [s["on_hub"] for s in data["adapters"]] == [False, False]
+    monkeypatch.chdir(tmp_path)
+    body = render_card(data)
+    assert "huggingface.co/adapters" not in body and "`adapters/math-lora`" in body
+    assert "Output rank 2." in body and isinstance(data["summary"]["modules"], int)
+    assert all(isinstance(m["rank"], int) for m in data["modules"].values())

@@ -159,3 +159,30 @@ def test_kernel_on_cuda_matches_cpu():
     cpu = lore_merge(thetas, tau=5.0, iterations=5, tol=0)
     gpu = lore_merge([t.cuda() for t in thetas], tau=5.0, iterations=5, tol=0)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-9)
+
+
+def test_mergekit_lowrank_merge_runs_lore_like_mergekit_yaml(full_models, tmp_path, patched):
+    """`mergekit-lowrank merge` and `validate` take lore recipes; the output equals mergekit-yaml's, and is ours
+    (marker), so a second run needs --overwrite."""
+    from click.testing import CliRunner
+
+    from lowrank_methods.cli import main
+
+    ft = [full_models / f"ft{i}" for i in range(2)]
+    recipe = (f"merge_method: lore\nmodels:\n" + "".join(f"  - model: {p}\n" for p in ft)
+              + "parameters: {tau: 0.05, iterations: 2}\ndtype: float64\n")
+    path = tmp_path / "r.yml"
+    path.write_text(recipe)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["validate", str(path)])
+    assert ok.exit_code == 0 and ok.output.startswith("ok: lore over 2 full models"), ok.output
+    done = runner.invoke(main, ["merge", str(path), str(tmp_path / "ours"), "--quiet", "--no-card"])
+    assert done.exit_code == 0, done.output
+    theirs = _load_merged(_mergekit_yaml(recipe, tmp_path))
+    for name, got in _load_merged(tmp_path / "ours").items():
+        torch.testing.assert_close(got, theirs[name], rtol=0, atol=0)
+    again = runner.invoke(main, ["merge", str(path), str(tmp_path / "ours"), "--quiet"])
+    assert again.exit_code == 1 and "--overwrite" in again.stderr
+    bad = runner.invoke(main, ["validate", str(tmp_path / "bad.yml")]) if (tmp_path / "bad.yml").write_text(
+        recipe.replace("tau: 0.05", "tua: 0.05")) else None
+    assert bad.exit_code == 1 and "did you mean 'tau'" in bad.stderr, bad.output

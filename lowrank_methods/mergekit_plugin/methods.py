@@ -1,9 +1,13 @@
 """Our methods as entries of mergekit's method registry, so mergekit knows their names, parameters and card text.
 
 A factor method needs the LoRA factors, which mergekit's graph never hands to a method (it passes dense
-tensors of one shape); ``route.run_merge`` sends such recipes to our engine before mergekit plans anything.
-The registered object therefore only describes the method; reached through another mergekit entry point
-(``merge_state_dicts``, ``mergekit-multi``), its ``merge_group`` refuses with one line saying what to run.
+tensors of one shape); ``route.run_merge`` sends ``mergekit-yaml`` recipes of our methods to our engine before
+mergekit plans anything. Reached through mergekit's generic dense API instead (``merge_state_dicts``,
+``merge_tensors``, any ``GroupMergeMethod`` caller), a registered method runs its full-model form on the task
+vectors θ_t − θ_0 (θ_0 = 0 without a base): ``dense.py`` says what each method computes there.
+
+Parameters: ``weight`` per non-base input (as mergekit's task-arithmetic methods), then every field of the method's
+pydantic model as a shared parameter of type ``Any``, validated by that model on each call (one-line errors).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ def mergekit_method(method):
     from mergekit.merge_methods import BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, ParameterScope
     from mergekit.merge_methods.base import ParameterSpec
 
-    params = [ParameterSpec("weight", float, ParameterScope.INPUT, default=1.0, description="weight of this adapter")]
+    params = [ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0,
+                            description="weight of this adapter (of this model's task vector)")]
     for name, field in method.params.model_fields.items():
         if name == "module":  # set per module by the engine, not a recipe parameter
             continue
@@ -32,11 +37,13 @@ def mergekit_method(method):
         def __init__(self):
             self.spec = spec
 
-        def merge_group(self, group, /, **_params):
-            raise RuntimeError(
-                f"{method.name} merges LoRA factors, but mergekit handed it dense tensors ({group.metadata.name}); "
-                "run the recipe with mergekit-yaml or mergekit-lowrank, whose inputs are LoRA adapters"
-            )
+        def merge_group(self, group, /, *, weight, **params):
+            """The method's dense form on this group's tensors (``dense.merge_dense``)."""
+            from .dense import merge_dense
+
+            entries = group.non_base
+            return merge_dense(method, [e.tensor for e in entries], weight.values_for(entries), params,
+                               base=group.base.tensor if group.base is not None else None, name=group.metadata.name)
 
     return FactorMergeMethod()
 

@@ -45,19 +45,31 @@ def check(merge_config, config_source: str | None = None):
     from ..recipe import parse_recipe
     from ..registry import list_methods
 
+    from .dense_run import FULL_MODEL_METHODS
+
     name = merge_config.merge_method
     ours = {m.name for m in list_methods() if m.in_mergekit}
     if name in ours:
         return parse_recipe(config_source or merge_config.to_yaml())
+    if name not in FULL_MODEL_METHODS and not involves_adapters(merge_config):
+        return None  # a stock recipe over full models: exactly mergekit's behaviour, warnings and errors included
     known = {m.spec.name: m for m in registered_methods()}
     if name not in known:
         names = sorted(set(known) | ours)
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(names)}"
         raise MergeError(f"unknown merge_method {name!r}; {hint}")
-    _check_stock_parameters(known[name].spec, merge_config)
+    _check_stock_parameters(known[name].spec, merge_config, strict=name in FULL_MODEL_METHODS)
     _check_adapters_have_a_base(merge_config)
     return None
+
+
+def involves_adapters(merge_config) -> bool:
+    """Does the recipe read a LoRA adapter (a ``base+lora`` reference, or a bare adapter directory)?"""
+    for ref in merge_config.referenced_models():
+        if ref.lora is not None or Path(str(ref.model.path), "adapter_config.json").is_file():
+            return True
+    return False
 
 
 def _check_adapters_have_a_base(merge_config) -> None:
@@ -69,9 +81,10 @@ def _check_adapters_have_a_base(merge_config) -> None:
                              f"models, so write it as {base}+{m.model}")
 
 
-def _check_stock_parameters(spec, merge_config) -> None:
+def _check_stock_parameters(spec, merge_config, strict: bool = False) -> None:
     """A mergekit method's parameters: ill-typed plain values and misspelled names fail (mergekit would fail
-    only mid-merge, or silently ignore the typo); other unknown names are ignored by mergekit, so only warned about."""
+    only mid-merge, or silently ignore the typo); other unknown names are ignored by mergekit, so only warned
+    about — except for a method of ours (``strict``), which refuses every name it does not take."""
     import logging
 
     from pydantic import TypeAdapter, ValidationError
@@ -84,7 +97,10 @@ def _check_stock_parameters(spec, merge_config) -> None:
     for where, params in blocks:
         for key, value in params.items():
             if key not in specs:
-                close = difflib.get_close_matches(key, specs, n=1, cutoff=0.8)
+                close = difflib.get_close_matches(key, specs, n=1, cutoff=0.6 if strict else 0.8)
+                if strict:
+                    hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(specs)}"
+                    raise MergeError(f"{where}: method {spec.name!r} has no parameter {key!r}; {hint}")
                 if close:
                     raise MergeError(f"{where}: method {spec.name!r} has no parameter {key!r}; did you mean {close[0]!r}?")
                 logging.getLogger(__name__).warning("%s: method %r ignores parameter %r (it takes %s)", where, spec.name,
@@ -102,44 +118,32 @@ def _merge_to_adapter(recipe, out_path: str, options):
     from ..engine import run_merge
 
     return run_merge(recipe, Path(out_path), device=options.device or "cpu", overwrite=True, quiet=options.quiet,
-                     write_card=options.write_model_card)
+                     write_card=options.write_model_card, threads=options.num_threads)  # None: the available cores
 
 
 def _merge_to_model(recipe, merge_config, out_path: str, options, config_source: str | None):
-    """The merged factors as a small adapter in the staging area's scratch, then mergekit's own planner and writer
-    produce ``W0 + ΔW*`` into the staging area, which is renamed into place."""
+    """``W0 + ΔW*`` written by our full-model writer (``full_model_writer.py``), the same files as ``mergekit-lowrank
+    merge`` writes for the recipe (mergekit's planner is not used: it cannot plan every architecture, e.g. BertModel
+    in 0.1.5). mergekit's ``--out-shard-size`` and ``--copy-tokenizer/--no-copy-tokenizer`` are honoured; the output
+    is always safetensors. Plus ``mergekit_config.yml``, as mergekit writes it."""
+    import logging
     import time
 
-    import mergekit.merge
-    from mergekit.config import MergeConfiguration
-
-    from ..engine import DTYPES, _write_report, merge_into, prepare, resolve_device
+    from ..engine import DTYPES, merge_into, prepare, resolve_device
     from ..staging import StagedOutput
-    from .patches import original
 
+    if not options.safe_serialization:
+        logging.getLogger(__name__).warning("output: model is always written as safetensors; "
+                                            "--no-safe-serialization is ignored")
     start = time.perf_counter()
     with StagedOutput(out_path, overwrite=True, inputs=recipe.local_inputs()) as stage:
-        ready = prepare(dataclasses.replace(recipe, output="adapter", dtype="float32"), scratch=stage.scratch)
-        if ready.base is None:
-            raise MergeError("output: model needs the base model; set base_model in the recipe")
-        adapter = stage.scratch / "merged-adapter"  # adapter-sized, never base-sized
-        with StagedOutput(adapter) as inner:
-            report = merge_into(ready, inner, dev=resolve_device(options.device or "cpu"), compute_dtype=DTYPES["float32"],
-                                quiet=options.quiet, write_card=False, start=start)
-            inner.commit()
-        dense = MergeConfiguration(
-            merge_method="passthrough", models=[{"model": f"{ready.base}+{adapter}"}], dtype=merge_config.dtype,
-            out_dtype=merge_config.out_dtype, tokenizer_source=merge_config.tokenizer_source,
-            tokenizer=merge_config.tokenizer, chat_template=merge_config.chat_template,
-        )
-        original(mergekit.merge, "run_merge")(dense, str(stage.path), options.model_copy(update={"write_model_card": False}))
-        report.output = "model"
-        _write_report(stage.path, report)
+        ready = prepare(recipe, scratch=stage.scratch)
+        report = merge_into(ready, stage, dev=resolve_device(options.device or "cpu"), compute_dtype=DTYPES["float32"],
+                            quiet=options.quiet, write_card=options.write_model_card, start=start,
+                            threads=options.num_threads,  # mergekit's --num-threads/-j; None: the available cores
+                            writer_options={"shard_size": options.out_shard_size,
+                                            "copy_tokenizer": options.copy_tokenizer})
         (stage.path / "mergekit_config.yml").write_text(config_source or merge_config.to_yaml(), encoding="utf-8")
-        if options.write_model_card:
-            from ..card import write_card
-
-            write_card(stage.path, report)
         stage.commit()
     return report
 

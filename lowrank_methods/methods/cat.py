@@ -14,4 +14,4 @@ from ..registry import MethodParams, ModuleResult, method
 def cat(factors, weights, params: MethodParams) -> ModuleResult:
     """Exact weighted sum by concatenating the factors; output rank is the sum of the input ranks."""
     B, A = stack_factors(factors, [params.lambda_ * w for w in weights])
-    return ModuleResult(LoraFactors(A, B), {"rank": float(A.shape[0]), "retained_energy": 1.0})
+    return ModuleResult(LoraFactors(A, B), {"rank": A.shape[0], "retained_energy": 1.0})

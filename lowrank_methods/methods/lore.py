@@ -18,6 +18,7 @@ import torch
 from ..errors import MergeError
 from ..rules import ties
 
+SUMMARY = "LoRE-Merging of full fine-tuned models (base-free low-rank estimation); runs through mergekit"
 DEFAULT_TAU = 0.01  # the μ = 0.01 of a third-party reimplementation, read as the SVT threshold (docs/methods/lore.md)
 
 

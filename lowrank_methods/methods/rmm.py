@@ -130,7 +130,7 @@ def rmm(factors, weights, params: RmmParams) -> ModuleResult:
         tensors[f"coeffs_{s}"] = coeffs[rows]
     tensors["ranks"] = torch.tensor(ranks, dtype=torch.int64)
 
-    stats = {"rank": float(r), "p": float(p)}
+    stats = {"rank": r, "p": p}
     resid = total = 0.0
     for t, f in enumerate(factors):
         g = task_factors(tensors, t, ranks[t])
@@ -142,8 +142,8 @@ def rmm(factors, weights, params: RmmParams) -> ModuleResult:
         resid += float((g.B - Bt[:, : ranks[t]]).square().sum() + (g.A - At[: ranks[t]]).square().sum())
         total += float(Bt.square().sum() + At.square().sum())
     stats["retained_energy"] = 1.0 - resid / total if total > 0 else 1.0
-    stats["stored"] = float((m + n) * (p * r + p * T + (r if params.center else 0)))
-    stats["original"] = float((m + n) * sum(ranks))
+    stats["stored"] = (m + n) * (p * r + p * T + (r if params.center else 0))
+    stats["original"] = (m + n) * sum(ranks)
     return ModuleResult(None, stats, {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
 
 
