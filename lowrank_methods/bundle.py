@@ -114,7 +114,7 @@ class BundleWriter:
             },
             "modules": modules,
         }
-        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
         return self.stage.path
 
     def commit(self) -> Path:

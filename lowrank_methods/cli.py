@@ -187,5 +187,55 @@ def methods_cmd():
     click.echo(f"{'lore':18s} {lore.SUMMARY}")
 
 
+@main.command()
+@click.argument("source", metavar="ORG/NAME[@REV]")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="change the recipe: a method parameter (rank=8), a top-level key (merge_method=mtc) or a dotted "
+                   "path (models.0.parameters.weight=0.5); VALUE is YAML, null drops the key. Repeatable")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="dtype the merge is computed in")
+@click.option("--dry-run", is_flag=True, help="print the recipe the remix would run, and merge nothing")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
+@one_line_errors
+def remix(source, out, sets, overwrite, device, precision, dry_run, quiet):
+    """Rerun the merge published at SOURCE (a Hub repo, or a local output folder) into OUT: the recipe its
+    merge_report.json / card carries, with every Hub source pinned to a commit and --set applied."""
+    from .remix import plan_remix, run_remix
+
+    plan = plan_remix(source, sets)
+    if dry_run:
+        click.echo(plan.recipe, nl=False)
+        return
+    if not quiet:
+        for note in plan.notes:
+            click.echo(note)
+    report = run_remix(plan, out, overwrite=overwrite, device=device, precision=precision, quiet=quiet)
+    if not quiet:
+        what = f"{report.method} over {len(report.adapters)} adapters, {len(report.modules)} modules" if report \
+            else "full model merged by mergekit"
+        changed = f"; set {', '.join(sets)}" if sets else ""
+        click.echo(f"wrote {out}: remix of {source}, {what}{changed}")
+
+
+@main.command("recipes")
+@one_line_errors
+def recipes_cmd():
+    """List the bundled recipes (recipes/*.yml) with what each does."""
+    import os
+
+    from .remix import RECIPES_DIR, bundled_recipes
+
+    found = bundled_recipes()
+    width = max((len(r.name) for r in found), default=0)
+    for r in found:
+        click.echo(f"{r.name:{width}s}  {r.description or '(no description)'}")
+    if found:
+        where = os.path.relpath(RECIPES_DIR) if not os.path.relpath(RECIPES_DIR).startswith("..") else RECIPES_DIR
+        click.echo(f"(in {where}; run one with: mergekit-lowrank merge {Path(where) / found[0].name} OUT)")
+
+
 if __name__ == "__main__":
     main()

@@ -294,7 +294,8 @@ def _merged(modules: list[str], load: Callable[[str], list], compute: Callable[[
     one being read), so memory stays a few modules. A module's error is raised when its turn comes, so the
     first failing module in plan order is the one reported, whatever the thread count."""
     with closing(_prefetched(modules, load)) as reads, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge",  # one intra-op thread each, set in the
+                               initializer=torch.set_num_threads, initargs=(1,)) as pool:  # thread: MKL's is per thread
         window: deque = deque()
         try:
             for module, stored in reads:
@@ -336,8 +337,12 @@ def _describe(ref, src: AdapterSource) -> dict:
     ranks = sorted({src.rank_alpha(m)[0] for m in src.modules})
     scales = sorted({round(src.scale(m), 6) for m in src.modules})
     weight = ref.settings.get("weight", 1.0)
-    return {"name": ref.name, "source": ref.adapter, "on_hub": not Path(ref.adapter).expanduser().exists(),
-            "revision": ref.revision, "base": ref.base, "ranks": ranks,
+    from .hub import last_resolved_commit
+
+    on_hub = not Path(ref.adapter).expanduser().exists()
+    return {"name": ref.name, "source": ref.adapter, "on_hub": on_hub, "revision": ref.revision,
+            "commit": last_resolved_commit(ref.adapter, ref.revision) if on_hub else None,  # pinned, for remix
+            "base": ref.base, "ranks": ranks,
             "scales": scales, "rslora": bool(src.config.get("use_rslora")), "modules": len(src.modules),
             "weight": weight if isinstance(weight, (int, float)) else str(weight)}
 

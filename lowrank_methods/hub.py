@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import MergeError
+from .errors import HubError, MergeError
 from .recipe import AdapterRef
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
@@ -37,6 +37,7 @@ def resolve_adapter(ref: AdapterRef, *, allow_pickle: bool = False) -> Path:
                          adapter=ref.name)
     pickles = PICKLE_FILES if allow_pickle else []
     folder = download(ref.adapter, ref.revision, ADAPTER_FILES + pickles + ["config.json"], who=ref.name)
+    _remember_commit(ref.adapter, ref.revision, folder)
     if (folder / "adapter_config.json").is_file():
         return folder
     if (folder / "config.json").is_file():  # a full fine-tuned model (PT-SVD input, see full_models.py)
@@ -203,3 +204,92 @@ def _http_reason(e) -> str:
     status = f"HTTP {response.status_code}" if response is not None else type(e).__name__
     detail = getattr(e, "server_message", None) or str(e).splitlines()[0]
     return f"{status}: {detail}"
+
+
+# -- commits: what a Hub source resolved to (remix pins sources to them) -------------------------------
+COMMIT = re.compile(r"[0-9a-f]{40}")
+_RESOLVED: dict[tuple[str, str | None], str] = {}  # (repo id, revision asked for) -> commit sha resolve_adapter used
+
+
+def snapshot_commit(folder: str | Path) -> str | None:
+    """The commit sha of a huggingface_hub snapshot folder (``…/snapshots/<sha>``), None for any other folder."""
+    folder = Path(folder)
+    return folder.name if folder.parent.name == "snapshots" and COMMIT.fullmatch(folder.name) else None
+
+
+def _remember_commit(repo_id: str, revision: str | None, folder: Path) -> None:
+    sha = snapshot_commit(folder)
+    if sha:
+        _RESOLVED[(repo_id, revision)] = sha
+
+
+def last_resolved_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit ``resolve_adapter`` last downloaded for ``repo_id@revision`` in this process (None: none yet)."""
+    return _RESOLVED.get((repo_id, revision))
+
+
+def resolved_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit sha ``repo_id@revision`` stands for now, asked of the Hub (offline: read from the local cache);
+    only ``adapter_config.json`` is fetched to learn it. A revision that already is a commit sha is returned as is."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    folder = download(repo_id, revision, ["adapter_config.json"], who=repo_id)
+    sha = snapshot_commit(folder)
+    if sha is None:  # cannot happen with huggingface_hub's cache layout; refuse rather than pin nothing
+        raise HubError(f"cannot tell which commit {repo_id}@{revision or 'main'} is")
+    _RESOLVED[(repo_id, revision)] = sha
+    return sha
+
+
+# -- single files: recipes and merge reports from Hub repos -------------------------------------------
+# org/repo:path/in/repo.yml[@revision]  (a model repo; the path has no ':' and no '@')
+RECIPE_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<path>[^:@]+)(?:@(?P<revision>[^@]+))?")
+
+
+def parse_recipe_ref(text: str) -> tuple[str, str, str | None] | None:
+    """``org/repo:path/recipe.yml@revision`` as (repo id, path, revision), or None when ``text`` is not one."""
+    m = RECIPE_REF.fullmatch(text)
+    if not m or m["path"].startswith("/") or ".." in m["path"].split("/"):
+        return None
+    return m["repo"], m["path"], m["revision"]
+
+
+def download_file(repo_id: str, filename: str, revision: str | None = None, *, what: str,
+                  max_bytes: int | None = None, error: type[MergeError] = HubError) -> Path:
+    """One file of a Hub model repo, through huggingface_hub's cache (``HF_HUB_OFFLINE=1``: from the cache only);
+    larger than ``max_bytes`` is refused before it is downloaded. Every failure is one ``error`` line."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    endpoint = _endpoint()
+    try:
+        if max_bytes is not None and not constants.is_offline_mode():
+            meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
+                                        endpoint=endpoint)
+            if meta.size is not None and meta.size > max_bytes:
+                raise error(f"{what}: {filename} in {at} is {meta.size:,} bytes, more than {max_bytes:,}")
+        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint))
+    except GatedRepoError:
+        raise error(f"{what}: {at} is a gated repo; accept its terms on the Hub and log in (HF_TOKEN or "
+                    "`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise error(f"{what}: no Hub repo {repo_id} (or it is private: set HF_TOKEN or run `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise error(f"{what}: Hub repo {repo_id} has no revision {revision!r}; check the @revision") from None
+    except RemoteEntryNotFoundError:
+        missing = error(f"{what}: Hub repo {repo_id} has no file {filename} at {revision or 'main'}")
+        missing.missing_file = True  # callers may fall back to another file
+        raise missing from None
+    except LocalEntryNotFoundError:
+        if constants.is_offline_mode():
+            raise error(f"{what}: {filename} of {at} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                        "run once online to cache it, or unset HF_HUB_OFFLINE") from None
+        raise error(f"{what}: cannot reach the Hub at {endpoint or constants.ENDPOINT} and {filename} of {at} is not "
+                    "cached; check the network, or set HF_ENDPOINT") from None
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code == 401:
+            raise error(f"{what}: the Hub rejected the token (401 Unauthorized) while downloading {at}; check "
+                        "HF_TOKEN or run `hf auth login`") from None
+        raise error(f"{what}: downloading {filename} of {at} failed: {_http_reason(e)}") from None

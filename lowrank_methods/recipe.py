@@ -131,19 +131,38 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def read_recipe_text(path: str | Path) -> str:
-    """The recipe file as text: at most 1 MiB, UTF-8."""
-    path = Path(path)
+    """The recipe file as text: at most 1 MiB, UTF-8.
+
+    ``path`` is a local file, or a recipe in a Hub repo, ``org/repo:path/recipe.yml[@revision]`` (a local file of that
+    name wins), downloaded with ``hf_hub_download`` into huggingface_hub's cache (``HF_HUB_OFFLINE=1``: from the
+    cache, else one line saying so)."""
+    if not Path(path).exists():
+        from .hub import parse_recipe_ref
+
+        ref = parse_recipe_ref(str(path))
+        if ref is not None:
+            from .hub import download_file
+
+            repo_id, filename, revision = ref
+            cached = download_file(repo_id, filename, revision, what=f"recipe {path}", max_bytes=MAX_RECIPE_BYTES,
+                                   error=RecipeError)
+            return _read_text(cached, str(path))
+    return _read_text(Path(path), Path(path))
+
+
+def _read_text(path: Path, name) -> str:
+    """The file ``path`` (called ``name`` in messages) as UTF-8 text of at most 1 MiB."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
+        raise RecipeError(f"cannot read recipe {name}: {e.strerror}") from e
     if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
+        raise RecipeError(f"recipe {name} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecipeError(f"recipe {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+        raise RecipeError(f"recipe {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                           "save it as UTF-8") from e
     return text
 

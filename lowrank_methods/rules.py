@@ -174,7 +174,7 @@ def l1_rescale(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def weighted_disjoint_merge(X: torch.Tensor, weights, normalize: bool = True) -> torch.Tensor:
     """mergekit's TIES steps 2-3 on X_t = w_t x̂_t (T, p, q): γ = sign(Σ_t X_t) (ties → +), agree_t = [sign X_t = γ]
     (a zero never agrees), then Σ_t X_t·agree_t, divided (``normalize``) by Σ_t w_t·agree_t (0 → 1).
-    With equal weights this is ``elect_and_merge``'s disjoint mean times the weight; otherwise it differs."""
+    With unit weights this is ``elect_and_merge``'s disjoint mean; with equal weights w, that mean ÷ w."""
     w = torch.as_tensor(weights, dtype=X.dtype, device=X.device).reshape(-1, *([1] * (X.ndim - 1)))
     sign = X.sign()
     majority = torch.where(X.sum(0) >= 0, 1.0, -1.0).to(X.dtype)

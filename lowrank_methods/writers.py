@@ -102,7 +102,7 @@ class AdapterWriter:
 
     def finish(self, config: dict) -> Path:
         self.stream.close()
-        (self.path / "adapter_config.json").write_text(json.dumps(self.adapter_config(config), indent=2) + "\n")
+        (self.path / "adapter_config.json").write_text(json.dumps(self.adapter_config(config), indent=2, allow_nan=False) + "\n")
         return self.stage.path
 
     def adapter_config(self, source: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Our methods on mergekit's dense API (``merge_state_dicts``): each one's full-model form (``mergekit_plugin/dense.py``).
+"""Our methods on mergekit's dense API (``merge_state_dicts``): their full-model forms (``mergekit_plugin/dense.py``).
 
 Every method we register in mergekit is checked against a reference written here from the papers' definitions in
 numpy (float64, 3 tasks, 12×8 and 8×12), to 1e-8: TSV-M, Iso-C, Iso-CTS, TIES, Core Space and KnOTS on exactly
@@ -129,7 +129,8 @@ def balanced(d, r=None):
 
 
 def core_space_ref(deltas, w, rule):
-    """Core Space (Panariello et al.): U_B = lsv[w_t B_t], V_A = rsv[A_t], M_t = U_Bᵀ w_t Δ_t V_Aᵀ, ΔW = U_B f(M) V_A."""
+    """Core Space (Panariello et al.): U_B = lsv[w_t B_t], V_A = rsv[A_t], M_t = U_Bᵀ w_t Δ_t V_Aᵀ,
+    ΔW = U_B f(M) V_A."""
     fs = [balanced(d) for d in deltas]
     UB = svd(np.hstack([wt * B for wt, (B, _) in zip(w, fs)]))[0]
     VA = svd(np.vstack([A for _, A in fs]))[2]
@@ -309,15 +310,16 @@ def test_rmm_is_the_weighted_average_whatever_the_base(mk):
         torch.testing.assert_close(without[key], avg, rtol=0, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:mergekit-lowrank.*does not read")  # mtc's rule ta reads no density
 @pytest.mark.parametrize("name", OURS)
 def test_strided_float32_inputs_as_mergekit_passes_them(mk, name):
     """mergekit's generic check (its parameters, transposed 6×4 views): finite, layout-independent, unmodified."""
     g = torch.Generator().manual_seed(42)
     tensors = [torch.randn(4, 6, generator=g).T for _ in range(3)]
     copies = [t.clone() for t in tensors]
-    params = {"weight": 1.0, "density": 0.7} if "density" in {p.name for p in _spec(name).parameters} else {"weight": 1.0}
-    with pytest.warns(UserWarning) if name == "mtc" else _nothing():  # rule ta does not read density
-        strided = mk([{"w": t} for t in tensors], name, base=0, parameters=params)["w"]
+    declared = {p.name for p in _spec(name).parameters}
+    params = {"weight": 1.0, **({"density": 0.7} if "density" in declared else {})}
+    strided = mk([{"w": t} for t in tensors], name, base=0, parameters=params)["w"]
     contiguous = mk([{"w": t.contiguous()} for t in tensors], name, base=0, parameters=params)["w"]
     assert strided.dtype == torch.float32 and strided.shape == (6, 4) and strided.isfinite().all()
     torch.testing.assert_close(strided, contiguous)
@@ -362,9 +364,15 @@ def _spec(name):
     return get(name).spec
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+@pytest.mark.parametrize("name", ["cat", "linear_factors", "mtc", "rmm"])
+def test_linear_forms_keep_autograd(mk, name):
+    """mergekit's API keeps autograd connections: through the linear forms the gradients are the coefficients."""
+    g = torch.Generator().manual_seed(11)
+    ts = [torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    lam = {} if name == "rmm" else {"lambda": LAM}
+    out = mk([{"w": t} for t in ts], name, base=0, parameters={"weight": W[:2], **lam})["w"]
+    out.sum().backward()
+    coeffs = [w / sum(W[:2]) for w in W[:2]] if name == "rmm" else [LAM * w for w in W[:2]]
+    for t, c in zip(ts[1:], coeffs):
+        torch.testing.assert_close(t.grad, torch.full_like(t, c))
+    torch.testing.assert_close(ts[0].grad, torch.full_like(ts[0], 1 - sum(coeffs)))

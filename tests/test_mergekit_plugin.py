@@ -179,8 +179,8 @@ def test_bare_adapter_in_a_stock_recipe_fails_with_the_fix(patched, tmp):
 
     from lowrank_methods.errors import MergeError
 
-    a = write_adapter(tmp / "a", {"m.w": (4, 3)})
-    text = f"merge_method: ties\nbase_model: /nowhere/b\nmodels: [{{model: {a}}}]"
+    a = write_adapter(tmp / "a", {"m.w": (4, 3)})  # (task_arithmetic/linear/ties run it: test_mergekit_names.py)
+    text = f"merge_method: dare_ties\nbase_model: /nowhere/b\nmodels: [{{model: {a}}}]"
     with pytest.raises(MergeError, match=f"is a LoRA adapter; .* write it as /nowhere/b\\+{a}"):
         patched.run_merge(_config(text), str(tmp / "out"), MergeOptions(), config_source=text)
 

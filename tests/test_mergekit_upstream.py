@@ -61,8 +61,8 @@ def _sdist(tmp: Path, version: str) -> Path:
             return archive
     else:
         dl = tmp / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--disable-pip-version-check",
-               f"mergekit=={version}", "-d", str(dl)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+               "--disable-pip-version-check", f"mergekit=={version}", "-d", str(dl)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -122,7 +122,8 @@ def test_mergekit_own_suite_is_as_green_with_the_plugin(tmp_path, capsys):
     suite = _suite(tmp_path, _sdist(tmp_path, version))
     without = _run(suite, False, tmp_path)
     with_plugin = _run(suite, True, tmp_path)
-    summary = f"mergekit {version} own suite:\n  {_line('without plugin', without)}\n  {_line('with plugin', with_plugin)}"
+    summary = (f"mergekit {version} own suite:\n  {_line('without plugin', without)}\n"
+               f"  {_line('with plugin', with_plugin)}")
     with capsys.disabled():  # the figures belong in the output whatever the outcome
         print(f"\n{summary}")
     assert without["outcomes"] and with_plugin["outcomes"], f"no test report\n{without['tail']}\n{with_plugin['tail']}"

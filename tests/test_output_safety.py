@@ -193,7 +193,8 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, long_recipe, tool, si
     assert code == 128 + sig, (code, err)
     assert err == [f"terminated by {signal.Signals(sig).name}; nothing was written"], err
     assert not out.exists() and ours_left_beside(out) == []
-    assert list((tmp_path / "tmpdir").iterdir()) == []
+    # (importing mergekit makes torch create its own cache dir torchinductor_<user> in TMPDIR, plugin or not)
+    assert [p.name for p in (tmp_path / "tmpdir").iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def test_after_sigkill_the_next_run_cleans_up(tmp_path, long_recipe):

@@ -36,12 +36,14 @@ Tensors that are not 2-D (biases, norms, scalars, convolution kernels) and empty
 defined on matrices.
 
 rmm has no single-model form: its output is a bundle from which every task comes back. Its dense form is the
-centre of its weighted PCA on dense inputs, the weighted average Σ w_t θ_t / Σ w_t (= θ_0 + Σ_t p_t Δ_t with
+centre its weighted PCA would have on dense task vectors, the weighted average Σ w_t θ_t / Σ w_t (= θ_0 + Σ_t p_t Δ_t with
 p_t = w_t / Σ w, independent of the base; mergekit's ``linear``); ``p``, ``center``, ``gauge`` and ``svd_rank`` are
 validated but do not enter it. Weights must be > 0 and ``lambda`` 1, as in the bundle route.
 
 Inputs are never modified: each is read through ``.contiguous()`` (a copy only for strided views) and every step
 builds new tensors. Computation is in float64 for float64 inputs, float32 otherwise; the result has the input dtype.
+As mergekit's API promises, autograd connections are kept: exact for the linear forms (cat, linear_factors, mtc's
+ta, rmm, non-matrix tensors); through an SVD only where it is differentiable (distinct nonzero singular values).
 Cost: at most one thin SVD per Δ_t plus the method's small-space work, O(T m n min(m, n)) for T tasks.
 """
 
@@ -163,8 +165,9 @@ def _check_rmm(params, weights: Sequence[float], name: str | None) -> None:
 
 
 def _read(t: torch.Tensor, work: torch.dtype, method: str, name: str | None, what: str) -> torch.Tensor:
-    """The input as a contiguous tensor of the working dtype (a copy only when needed: never written to)."""
-    t = t.detach().contiguous().to(work)
+    """The input as a contiguous tensor of the working dtype (a copy only when needed: never written to; autograd
+    connections kept, as mergekit's ``merge_state_dicts`` promises)."""
+    t = t.contiguous().to(work)
     if not torch.isfinite(t).all():
         raise MergeError(f"{method}: {what} contains NaN or Inf", module=name)
     return t
@@ -285,7 +288,7 @@ def _on_factors(rank_of: Callable[[MethodParams], int | None]):
 def _rmm(method, deltas, weights, params):
     """rmm has no single-model form (its output is a bundle from which each task comes back): its dense form is
     the weighted average Σ_t w_t θ_t / Σ_t w_t (= θ_0 + Σ_t p_t Δ_t, whatever the base), the centre its weighted
-    PCA is fitted around; p, center, gauge and svd_rank do not enter it."""
+    PCA would have on dense task vectors; p, center, gauge and svd_rank do not enter it."""
     return _weighted_sum(deltas, weights) / sum(weights)
 
 

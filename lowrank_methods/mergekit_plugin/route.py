@@ -3,17 +3,18 @@
 1. Check the recipe before anything is downloaded or loaded: the method name (with a suggestion), and the
    parameters (all of them for our methods; names and plain values for mergekit's own).
 2. Our methods run on our engine: ``output: adapter`` (or ``bundle``) writes what ``mergekit-lowrank merge``
-   writes; ``output: model`` merges the factors into a small temporary adapter, then has mergekit's own
-   planner and writer produce ``W0 + ΔW*`` as ``passthrough`` of ``base+<that adapter>`` through the direct
-   LoRA loader (sharding, dtype, tokenizer, ``--out-shard-size``, ``--cuda`` all mergekit's). Either way the
-   output is staged and committed as ``staging.py`` says: a previous output of ours is replaced (mergekit-yaml
-   has no ``--overwrite``), nothing else ever is; SIGTERM/SIGHUP clean up like Ctrl-C; errors are one line.
-3. Every other method goes to mergekit's own ``run_merge`` unchanged.
+   writes; ``output: model`` writes ``W0 + ΔW*`` with our own full-model writer (``full_model_writer.py``, the same
+   bytes as ``mergekit-lowrank merge``; ``--out-shard-size``, ``--copy-tokenizer``, ``--num-threads`` honoured), for
+   any architecture. Either way the output is staged and committed as ``staging.py`` says: a previous output of ours
+   is replaced (mergekit-yaml has no ``--overwrite``), nothing else ever is; SIGTERM/SIGHUP clean up like Ctrl-C;
+   errors are one line.
+3. mergekit's ``task_arithmetic``, ``linear`` and ``ties`` over bare adapter directories only (``only_bare_adapters``)
+   run as 2., through our aliases of those names: exactly what stock mergekit computes over ``base+adapter``.
+4. Every other recipe goes to mergekit's own ``run_merge`` unchanged (``base+adapter`` references included).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def check(merge_config, config_source: str | None = None):
     ours = {m.name for m in list_methods() if m.in_mergekit}
     if name in ours:
         return parse_recipe(config_source or merge_config.to_yaml())
+    if name in FACTOR_EQUIVALENTS and only_bare_adapters(merge_config):
+        return parse_recipe(config_source or merge_config.to_yaml())  # our alias of that name (methods/mtc.py)
     if name not in FULL_MODEL_METHODS and not involves_adapters(merge_config):
         return None  # a stock recipe over full models: exactly mergekit's behaviour, warnings and errors included
     known = {m.spec.name: m for m in registered_methods()}
@@ -72,10 +75,32 @@ def involves_adapters(merge_config) -> bool:
     return False
 
 
+# mergekit's methods whose result over base+adapter models is W0 plus a function of the updates alone, computed
+# exactly in factor space by our aliases of the same names (methods/mtc.py, in_mergekit=False)
+FACTOR_EQUIVALENTS = ("task_arithmetic", "linear", "ties")
+
+
+def only_bare_adapters(merge_config) -> bool:
+    """Is every model of a flat ``models:`` recipe a bare local adapter directory (adapter_config.json, no ``+``)?
+
+    Such recipes of ``FACTOR_EQUIVALENTS`` run on our engine: stock mergekit cannot read them at all (#470), and
+    ours give what it computes over ``base+adapter``. ``base+adapter`` references stay mergekit's (a full model,
+    read through the direct loader), as does any recipe mixing them or full models with bare adapters (refused by
+    ``_check_adapters_have_a_base``), and ``slices:``/``modules:`` recipes."""
+    models = merge_config.models or []
+    if not models or merge_config.slices or merge_config.modules:
+        return False
+    return all(m.model.lora is None and _is_adapter_dir(m.model.model.path) for m in models)
+
+
+def _is_adapter_dir(path) -> bool:
+    return Path(str(path), "adapter_config.json").is_file()
+
+
 def _check_adapters_have_a_base(merge_config) -> None:
     """A bare adapter directory given to a mergekit method fails deep in transformers (arcee-ai/mergekit#470)."""
     for m in merge_config.models or []:
-        if m.model.lora is None and Path(m.model.model.path, "adapter_config.json").is_file():
+        if m.model.lora is None and _is_adapter_dir(m.model.model.path):
             base = merge_config.base_model or "BASE"
             raise MergeError(f"model {m.model} is a LoRA adapter; mergekit's {merge_config.merge_method!r} reads full "
                              f"models, so write it as {base}+{m.model}")

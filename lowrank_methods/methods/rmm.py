@@ -4,6 +4,8 @@ Per module, each task's ΔW_t = B_t A_t is put in a fixed gauge (SVD-balanced B 
 *position* (a row of B, a column of A) gives one r-vector x_t per task. Per position the T vectors are stored as
 mean μ + top-p principal directions U (r×p) + coefficients c_t = Uᵀ(x_t − μ); task t comes back as μ + U c_t.
 Exact for p = T−1 (centred) or p = T (uncentred); p = 0 is factor averaging. See docs/methods/rmm.md.
+Handed dense tensors through mergekit's generic API (``merge_state_dicts``), which has no place for a bundle, it
+returns the weighted average Σ w_t θ_t / Σ w_t (mergekit_plugin/dense.py).
 """
 
 from __future__ import annotations
