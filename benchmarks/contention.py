@@ -10,6 +10,10 @@ runs in a fresh subprocess and reports the wall time of ``run_merge`` itself (im
 time. "Shared" runs the same merge while a neighbour process (started and stopped by this benchmark) runs a
 2-thread 512×512 float32 matmul loop, as another engineer's torch job would; the neighbour's matmuls per second
 alone and beside the merges are reported too, so a merge that only looks fast by starving it would show.
+
+The machine may be shared with other people's jobs: before each merge the benchmark waits (``--wait-quiet``)
+until other processes use under 0.15 of a core, measures how much CPU they used during the merge, and
+measures a merge again (``--retries``) when it was more than a tenth of a core; what stays skewed is marked †.
 """
 
 from __future__ import annotations
@@ -233,8 +237,10 @@ tiny op waited for a descheduled OpenMP thread); the new one gets its fair core 
 alone it is faster too, since intra-op threads gained nothing on these ops (old engine, OMP_NUM_THREADS=1 ≈
 new `--threads 1` ≈ the old default alone) while two modules at once use both cores. `--threads 3` on 2 cores
 only takes a larger share from the neighbour; OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning)
-makes the old engine slower still. The neighbour's own throughput drops beside any merge because it has the
-same problem (a 2-thread OpenMP loop over small matmuls)."""
+makes the old engine slower still. The neighbour's own throughput drops beside any merge, more beside the new
+engine (to about a fifth, against a third beside the old one, in the runs below) since the merge now keeps its
+core busy instead of stalling: the neighbour has the very problem fixed here (a 2-thread OpenMP loop over small
+matmuls), and two one-thread workers are the fair share of a 2-core machine."""
 
 
 def measure_run(args, argv) -> dict:

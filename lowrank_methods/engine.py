@@ -192,7 +192,7 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
                writer_options: dict | None = None) -> MergeReport:
     """The streaming loop: every module merged (``threads`` at once on the CPU) and handed to the writer in plan
     order, which writes into ``stage.path``."""
-    from .threads import intra_op_threads, plan_threads
+    from .threads import device_scope, intra_op_threads, pinned_device, plan_threads
     from .writers import open_writer
 
     recipe, sources, base, plan = ready.recipe, ready.sources, ready.base, ready.plan
@@ -209,12 +209,14 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
     writer = open_writer(recipe, stage, plan, sources, extra_keys=list(extras), dtype=out_dtype,
                          base=base, **(writer_options or {}))  # base, writer_options: output: model (full_model_writer.py)
     use = plan_threads(threads, dev)
+    on = pinned_device(dev)  # "cuda" means the caller's current GPU, not the worker thread's default one
 
     def compute(module: str, stored: list) -> ModuleResult:  # in a worker thread
-        factors = _to_factors(sources, plan, module, stored, compute_dtype)
-        t = plan.t(module)
-        return _merge_module(recipe, module, [f.to(dev) for f in factors], recipe.weights_for(module, t),
-                             recipe.params_for(module, t))
+        with device_scope(on):
+            factors = _to_factors(sources, plan, module, stored, compute_dtype)
+            t = plan.t(module)
+            return _merge_module(recipe, module, [f.to(on) for f in factors], recipe.weights_for(module, t),
+                                 recipe.params_for(module, t))
 
     try:
         with intra_op_threads(use.intra_op), closing(_merged(plan.modules, _module_reader(sources), compute,

@@ -15,7 +15,7 @@ launch order (and so the output) what a plain loop would give.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -68,3 +68,17 @@ def intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def pinned_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index is the calling thread's current GPU; pinned here, in the caller's thread, because
+    each worker thread starts on GPU 0."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_scope(device: torch.device):
+    """In a worker thread: make ``device`` the current GPU, so tensors a method creates without naming a device
+    land where its inputs are."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()

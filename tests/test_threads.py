@@ -168,11 +168,35 @@ def test_the_first_failing_module_in_plan_order_is_reported(tmp_path):
         assert not (tmp_path / f"out{n}").exists()
 
 
-def test_a_gpu_device_gets_one_worker():
-    from lowrank_methods.threads import ThreadPlan, plan_threads
+def test_a_gpu_device_gets_one_worker(monkeypatch):
+    """No GPU needed: the plan, and "cuda" pinned to the caller's current GPU (a worker thread starts on GPU 0)."""
+    from lowrank_methods.threads import ThreadPlan, pinned_device, plan_threads
 
     assert plan_threads(8, torch.device("cuda")) == ThreadPlan(workers=1, intra_op=1)
     assert plan_threads(8, torch.device("cpu")) == ThreadPlan(workers=8, intra_op=1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert pinned_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert pinned_device(torch.device("cuda:0")) == torch.device("cuda", 0)
+    assert pinned_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_an_error_stops_the_queue():
+    """A failing module: it is raised, and modules queued behind it never start (at most the lookahead ran)."""
+    from lowrank_methods.engine import _merged
+
+    started = []
+
+    def compute(module, stored):
+        started.append(module)
+        if module == "m3":
+            raise ValueError("boom")
+        time.sleep(0.01)
+        return module
+
+    with pytest.raises(ValueError, match="boom"):
+        for _ in _merged([f"m{i}" for i in range(60)], lambda m: m, compute, workers=2):
+            pass
+    assert len(started) <= 4 + 2 + 2
 
 
 def test_mergekit_num_threads_reaches_the_engine(patched, tmp_path, adapters, monkeypatch):
