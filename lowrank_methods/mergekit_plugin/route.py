@@ -8,6 +8,8 @@
    any architecture. Either way the output is staged and committed as ``staging.py`` says: a previous output of ours
    is replaced (mergekit-yaml has no ``--overwrite``), nothing else ever is; SIGTERM/SIGHUP clean up like Ctrl-C;
    errors are one line.
+   Over local full fine-tuned models (no adapter anywhere) our methods other than rmm go to mergekit's own
+   planner instead, which hands each tensor group to the method's dense form (``dense.py``).
 3. mergekit's ``task_arithmetic``, ``linear`` and ``ties`` over bare adapter directories only (``only_bare_adapters``)
    run as 2., through our aliases of those names: exactly what stock mergekit computes over ``base+adapter``.
 4. Every other recipe goes to mergekit's own ``run_merge`` unchanged (``base+adapter`` references included).
@@ -51,7 +53,10 @@ def check(merge_config, config_source: str | None = None):
     name = merge_config.merge_method
     ours = {m.name for m in list_methods() if m.in_mergekit}
     if name in ours:
-        return parse_recipe(config_source or merge_config.to_yaml())
+        recipe = parse_recipe(config_source or merge_config.to_yaml())  # every parameter checked before loading
+        if name != "rmm" and only_full_models(merge_config):
+            return None  # full fine-tuned models: mergekit plans them and calls our dense forms (dense.py)
+        return recipe  # adapters (rmm: full models too, as PT-SVD inputs of a bundle): our engine
     if name in FACTOR_EQUIVALENTS and only_bare_adapters(merge_config):
         return parse_recipe(config_source or merge_config.to_yaml())  # our alias of that name (methods/mtc.py)
     if name not in FULL_MODEL_METHODS and not involves_adapters(merge_config):
@@ -65,6 +70,15 @@ def check(merge_config, config_source: str | None = None):
     _check_stock_parameters(known[name].spec, merge_config, strict=name in FULL_MODEL_METHODS)
     _check_adapters_have_a_base(merge_config)
     return None
+
+
+def only_full_models(merge_config) -> bool:
+    """Is every model of the recipe a local full model directory (config.json, no adapter_config.json, no +lora)?"""
+    for ref in merge_config.referenced_models():
+        path = Path(str(ref.model.path))
+        if ref.lora is not None or not (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return False
+    return True
 
 
 def involves_adapters(merge_config) -> bool:
