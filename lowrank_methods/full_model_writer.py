@@ -242,9 +242,9 @@ class FullModelWriter:
 
     # -- the protocol ------------------------------------------------------------------------------------
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
-        factors = result.factors
-        if factors is None:
-            raise MergeError(f"the method returned no factors for {module}; it cannot write a model")
+        from .writers import merged_factors
+
+        factors = merged_factors(result, module, "a model")
         if factors.rank == 0:  # nothing to add: the base weight is copied unchanged
             return
         self.updates[self.targets[module]] = (layout, factors.to("cpu"), module)

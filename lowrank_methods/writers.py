@@ -85,9 +85,7 @@ class AdapterWriter:
         return self.stage.path
 
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
-        factors = result.factors
-        if factors is None:
-            raise MergeError(f"the method returned no factors for {module}; it cannot write an adapter")
+        factors = merged_factors(result, module, "an adapter")
         if factors.rank == 0:  # nothing to add here: leave the module out of the adapter
             return
         for part, tensor in layout.peft_tensors(factors).items():
@@ -137,6 +135,13 @@ class AdapterWriter:
     def abort(self) -> None:
         self.stream.discard()
         self.stage.abort()
+
+
+def merged_factors(result: ModuleResult, module: str, output: str):
+    """The merged factors of ``result``, refused when the method gave none (only rmm's bundle tensors)."""
+    if result.factors is None:
+        raise MergeError(f"the method returned no factors for {module}; it cannot write {output}")
+    return result.factors
 
 
 def open_writer(recipe, stage: StagedOutput, plan, sources, *, extra_keys: list[str], dtype: torch.dtype,

@@ -127,3 +127,13 @@ def folder_bytes(path: Path) -> dict[str, bytes]:
     from lowrank_methods.staging import MARKER
 
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def tiny_llama(hidden: int = 16, heads: int = 2, vocab: int = 32, layers: int = 2, seed: int = 0, **config):
+    """A tiny LlamaForCausalLM (MLP 2×hidden, untied embeddings), seeded: the base model of the full-model tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                                        tie_word_embeddings=False, **config))

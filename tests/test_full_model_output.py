@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import merged_delta, write_adapter, write_recipe
+from conftest import merged_delta, tiny_llama, write_adapter, write_recipe
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minilm-wordnet8" / "adapters"
 LINEAR = {"self_attn.q_proj": (16, 16), "self_attn.v_proj": (16, 16), "self_attn.o_proj": (16, 16),
@@ -29,13 +29,8 @@ HEAD = "base_model.model.lm_head.weight"
 # -- fixtures ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tiny_llama(vocab=64, max_position_embeddings=64).save_pretrained(root / "base")
     base = str(root / "base")
 
     def mods(*kinds):

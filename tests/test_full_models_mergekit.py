@@ -10,6 +10,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from conftest import tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
 
@@ -17,13 +19,8 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
 @pytest.fixture(scope="module")
 def finetunes(tmp_path_factory):
     """A tiny Llama base and three full fine-tunes of it (base + a rank-2 task update on every matrix)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("finetunes")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=64, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(hidden=32, heads=4, vocab=64)
     model.save_pretrained(root / "base")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import merged_delta, write_adapter, write_recipe
+from conftest import merged_delta, tiny_llama, write_adapter, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
@@ -24,13 +24,8 @@ WEIGHTS = (1.0, 0.3, 0.6)  # non-uniform: mergekit's TIES divides by the agreein
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama base (hidden 16, 2 layers, vocab 32) and three adapters on its q/v projections naming it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("names")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=32, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tiny_llama().save_pretrained(root / "base")
     base = str(root / "base")
     shapes = {m: (16, 16) for m in MODULES}
     write_adapter(root / "a", shapes, r=4, alpha=8, seed=1, base=base)
