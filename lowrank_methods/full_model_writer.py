@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BaseModelError, ComputeError, MergeError, OutputError, one_line, short
+from .errors import BaseModelError, ComputeError, OutputError, one_line, short
 from .factors import LoraFactors, ModuleLayout
 from .registry import ModuleResult
 
