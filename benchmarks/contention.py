@@ -90,8 +90,8 @@ def child(args) -> dict:
         sys.path.insert(0, str(Path(args.code).resolve()))
     import yaml
 
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import parse_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     recipe = parse_recipe(yaml.safe_dump({"merge_method": args.method, "models": [{"model": d} for d in args.dirs],
                                           "parameters": json.loads(args.params), "dtype": "float32"}))
@@ -99,7 +99,7 @@ def child(args) -> dict:
     cpu0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     report = run_merge(recipe, args.out, device=args.device, quiet=True, write_card=False, overwrite=True, **extra)
     seconds, cpu1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    import lowrank_methods.engine
+    import lowrank_methods.pipeline.engine
 
     whole = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": seconds, "process_cpu_s": whole.ru_utime + whole.ru_stime, "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from lowrank_methods.factors import LoraFactors
-from lowrank_methods.registry import get_method
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.method import get_method
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
           "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}

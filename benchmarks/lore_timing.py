@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.docs import write_section
 
-from lowrank_methods.methods.lore import svt
+from lowrank_methods.core.methods.lore import svt
 
 # Llama-3.2-1B: 16 layers, hidden 2048, MLP 8192, 8 KV heads of 64 (k/v 512×2048), vocab 128256, tied embeddings
 LAYERS = 16

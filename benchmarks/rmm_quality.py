@@ -30,9 +30,9 @@ def rmm_bundle(adapter_dirs: list[Path], p: int, out: Path, dtype: str, gauge: s
     """Merge the adapters with rmm at ``p`` through the engine; returns the loaded bundle."""
     import yaml
 
-    from lowrank_methods.bundle import ReversibleBundle
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import parse_recipe
+    from lowrank_methods.formats.bundle import ReversibleBundle
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     recipe = {"merge_method": "rmm", "models": [{"model": str(d)} for d in adapter_dirs], "parameters": {"p": p, "gauge": gauge},
               "dtype": dtype}
@@ -124,7 +124,7 @@ def _mean(values) -> float:
 
 
 def _adapter_dtype(path: Path) -> str:
-    from lowrank_methods.factors import AdapterSource
+    from lowrank_methods.formats.peft import AdapterSource
 
     return str(AdapterSource.open(path).dtype).removeprefix("torch.")
 

@@ -91,8 +91,8 @@ def peak_rss_gib() -> float:
 def child_ours(args) -> dict:
     import yaml
 
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import parse_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     params = json.loads(args.params)
     recipe = parse_recipe(yaml.safe_dump({"merge_method": args.method, "models": [{"model": d} for d in args.dirs],
@@ -126,7 +126,7 @@ def child_peft(args) -> dict:
 
 def relative_error(dirs: list[Path], merged: Path, n_layers: int) -> float:
     """max over modules of ‖ΔW_merged − Σ_t ΔW_t‖_F / ‖Σ_t ΔW_t‖_F on the first n_layers (dense, float64)."""
-    from lowrank_methods.factors import AdapterSource
+    from lowrank_methods.formats.peft import AdapterSource
 
     sources = [AdapterSource.open(d) for d in dirs]
     out = AdapterSource.open(merged)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .errors import MergeError, error_line
-from .interrupts import interrupted_line, terminate_as_interrupt
+from lowrank_methods.core.errors import MergeError, error_line
+from lowrank_methods.pipeline.interrupts import interrupted_line, terminate_as_interrupt
 
 
 def one_line_errors(fn):
@@ -51,7 +51,7 @@ def hub_options(fn):
 
 
 def push_folder(out, repo_id, *, private, revision, create_pr, commit_message, quiet=False) -> None:
-    from .hub import push
+    from lowrank_methods.publish.hub import push
 
     info = push(out, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message)
     if not quiet:
@@ -85,16 +85,16 @@ def main():
 def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, threads, out_shard_size, push_to_hub,
           **hub):
     """Merge the adapters listed in RECIPE into OUT."""
-    from .engine import run_merge
-    from .hub import check_can_push
-    from .mergekit_plugin.dense_run import is_full_model_recipe, run_full_model_merge
-    from .recipe import parse_recipe, read_recipe_text
-    from .threads import check_threads
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.publish.hub import check_can_push
+    from lowrank_methods.mergekit_plugin.dense_run import is_full_model_recipe, run_full_model_merge
+    from lowrank_methods.pipeline.recipe import parse_recipe, read_recipe_text
+    from lowrank_methods.pipeline.threads import check_threads
 
     text = read_recipe_text(recipe)
     threads = check_threads(threads)
     if out_shard_size is not None:  # a bad size fails before the merge
-        from .full_model_writer import parse_shard_size
+        from lowrank_methods.formats.full_model import parse_shard_size
 
         out_shard_size = parse_shard_size(out_shard_size)
     if push_to_hub:  # a missing token or a bad repo id fails before the merge, not after it
@@ -117,7 +117,7 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
         click.echo(f"wrote {out}: {report.method} over {len(report.adapters)} adapters, {s['modules']} modules"
                    f"{energy}, {report.seconds:.1f} s")
         if report.output == "bundle":
-            from .bundle import summary_table
+            from lowrank_methods.formats.bundle import summary_table
 
             click.echo(summary_table(out))
     if push_to_hub:  # run_merge returned: OUT is complete and committed
@@ -133,9 +133,9 @@ def validate(recipe, allow_pickle):
     every refusal `merge` could make before computing."""
     import tempfile
 
-    from .engine import check_factors, prepare
-    from .mergekit_plugin.dense_run import is_full_model_recipe, mergekit_config
-    from .recipe import parse_recipe, read_recipe_text
+    from lowrank_methods.pipeline.engine import check_factors, prepare
+    from lowrank_methods.mergekit_plugin.dense_run import is_full_model_recipe, mergekit_config
+    from lowrank_methods.pipeline.recipe import parse_recipe, read_recipe_text
 
     text = read_recipe_text(recipe)
     if is_full_model_recipe(text):
@@ -158,7 +158,7 @@ def validate(recipe, allow_pickle):
 @one_line_errors
 def reconstruct(bundle, task, out, overwrite):
     """Write task TASK of the reversible BUNDLE (merge_method: rmm) back as a PEFT adapter in OUT."""
-    from .bundle import ReversibleBundle
+    from lowrank_methods.formats.bundle import ReversibleBundle
 
     loaded = ReversibleBundle.load(bundle)
     loaded.write_adapter(task, out, overwrite=overwrite)
@@ -179,8 +179,8 @@ def push_cmd(out, repo_id, **hub):
 @main.command("methods")
 def methods_cmd():
     """List the merge methods."""
-    from .methods import lore
-    from .registry import list_methods
+    from lowrank_methods.core.methods import lore
+    from lowrank_methods.core.method import list_methods
 
     for m in list_methods():
         click.echo(f"{m.name:18s} {m.summary}")
@@ -203,7 +203,7 @@ def methods_cmd():
 def remix(source, out, sets, overwrite, device, precision, dry_run, quiet):
     """Rerun the merge published at SOURCE (a Hub repo, or a local output folder) into OUT: the recipe its
     merge_report.json / card carries, with every Hub source pinned to a commit and --set applied."""
-    from .remix import plan_remix, run_remix
+    from lowrank_methods.remix import plan_remix, run_remix
 
     plan = plan_remix(source, sets)
     if dry_run:
@@ -226,7 +226,7 @@ def recipes_cmd():
     """List the bundled recipes (recipes/*.yml) with what each does."""
     import os
 
-    from .remix import RECIPES_DIR, bundled_recipes
+    from lowrank_methods.remix import RECIPES_DIR, bundled_recipes
 
     found = bundled_recipes()
     width = max((len(r.name) for r in found), default=0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import HubError, MergeError, RecipeError, one_line, short
+from lowrank_methods.core.errors import HubError, MergeError, RecipeError, one_line, short
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_BLOCK = re.compile(r"^## Recipe\s*\n+```ya?ml\n(?P<text>.*?)\n```", re.S | re.M)
@@ -86,7 +86,7 @@ def load_merged(source: str) -> MergedOutput:
                               "takes the output of a merge (a folder, or org/name on the Hub)")
         return MergedOutput(source, report, recipe)
 
-    from .hub import HUB_ID, download_file, snapshot_commit
+    from lowrank_methods.publish.hub import HUB_ID, download_file, snapshot_commit
 
     repo_id, _, revision = source.partition("@")
     if not HUB_ID.fullmatch(repo_id):
@@ -137,7 +137,7 @@ class Remix:
 
 def plan_remix(source: str, sets: list[str] | tuple[str, ...] = ()) -> Remix:
     """Read ``source``'s recipe, pin its Hub sources to commits, apply the ``key=value`` overrides; nothing merged."""
-    from .recipe import load_yaml
+    from lowrank_methods.pipeline.recipe import load_yaml
 
     merged = load_merged(source)
     data = load_yaml(merged.recipe)
@@ -160,8 +160,8 @@ def _dump(data: dict) -> str:
 
 def _check(data: dict) -> None:
     """The recipe's own checks (method, parameters, weights), as ``merge`` makes them before reading any adapter."""
-    from .mergekit_plugin.dense_run import is_full_model_recipe
-    from .recipe import parse_recipe
+    from lowrank_methods.mergekit_plugin.dense_run import is_full_model_recipe
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     text = _dump(data)
     if not is_full_model_recipe(text):
@@ -170,7 +170,7 @@ def _check(data: dict) -> None:
 
 def pin_sources(data: dict, merged: MergedOutput) -> list[str]:
     """Rewrite every Hub source of the recipe's ``models:`` as ``org/name@<commit>``; returns one note per source."""
-    from .hub import COMMIT, HUB_ID, resolved_commit
+    from lowrank_methods.publish.hub import COMMIT, HUB_ID, resolved_commit
 
     described = merged.report.get("adapters") or []
     notes = []
@@ -200,7 +200,7 @@ def pin_sources(data: dict, merged: MergedOutput) -> list[str]:
 
 
 def _recorded_commit(described: list, index: int, repo: str) -> str | None:
-    from .hub import COMMIT
+    from lowrank_methods.publish.hub import COMMIT
 
     candidates = [described[index]] if index < len(described) else []
     candidates += [a for a in described if a not in candidates]
@@ -218,7 +218,7 @@ def apply_sets(data: dict, sets) -> None:
     """``key=value`` overrides, the value parsed as YAML (``rank=8``, ``rule=ta``, ``lambda=[0.5, 1]``, ``rank=null``
     to drop it). A bare key is a method parameter (``parameters.<key>``) unless it is a top-level recipe key
     (``merge_method``, ``base_model``, ``dtype``…); dotted keys reach anywhere: ``models.0.parameters.weight=0.5``."""
-    from .recipe import RecipeFile, load_yaml
+    from lowrank_methods.pipeline.recipe import RecipeFile, load_yaml
 
     top = set(RecipeFile.model_fields)
     for item in sets:
@@ -272,13 +272,13 @@ def run_remix(plan: Remix, out, *, overwrite: bool = False, device: str = "cpu",
               quiet: bool = False, threads: int | None = None):
     """Merge the remix's recipe into ``out`` exactly as ``mergekit-lowrank merge`` would; returns its MergeReport
     (None for a full-model recipe, which mergekit writes)."""
-    from .mergekit_plugin.dense_run import is_full_model_recipe, run_full_model_merge
+    from lowrank_methods.mergekit_plugin.dense_run import is_full_model_recipe, run_full_model_merge
 
     if is_full_model_recipe(plan.recipe):
         run_full_model_merge(plan.recipe, out, overwrite=overwrite, device=device, quiet=quiet, write_card=True)
         return None
-    from .engine import run_merge
-    from .recipe import parse_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     return run_merge(parse_recipe(plan.recipe), out, device=device, precision=precision, overwrite=overwrite,
                      quiet=quiet, threads=threads)

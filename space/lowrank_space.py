@@ -45,7 +45,7 @@ class SpaceError(Exception):
 
 
 def one_line(err: BaseException) -> str:
-    from lowrank_methods.errors import error_line
+    from lowrank_methods.core.errors import error_line
 
     return error_line(err)
 
@@ -81,7 +81,7 @@ def parse_adapters(text: str, root: Path = ROOT) -> list[AdapterSpec]:
     """One adapter per line, ``SOURCE [WEIGHT]``: a Hub id ``org/name[@revision]`` or one of the bundled example's
     adapters; blank lines and ``#`` comments are skipped. Any other local path is refused: the server's disk is not
     the user's."""
-    from lowrank_methods.hub import HUB_ID
+    from lowrank_methods.publish.hub import HUB_ID
 
     bundled = {f"{EXAMPLE_DIR}/{n}" for n in example_names(root)}
     specs = []
@@ -133,7 +133,7 @@ class FieldSpec:
 
 
 def methods() -> list:
-    from lowrank_methods.registry import list_methods
+    from lowrank_methods.core.method import list_methods
 
     return list_methods()
 
@@ -143,7 +143,7 @@ def form_spec(method) -> list[FieldSpec]:
     widgets, Field constraints → ranges, defaults, the description as help text. Engine fields (``module``) and
     fields marked internal (``json_schema_extra={"internal": True}`` or ``exclude=True``) are left out."""
     if isinstance(method, str):
-        from lowrank_methods.registry import get_method
+        from lowrank_methods.core.method import get_method
 
         method = get_method(method)
     specs = []
@@ -271,7 +271,7 @@ def _coerce(spec: FieldSpec, value):
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if spec.kind == "text":
-        from lowrank_methods.recipe import load_yaml
+        from lowrank_methods.pipeline.recipe import load_yaml
 
         try:
             return load_yaml(value) if isinstance(value, str) else value
@@ -312,7 +312,7 @@ def recipe_from_form(adapters_text: str, method: str, values: dict[str, Any], ro
 
 def check_recipe(text: str):
     """The recipe's own checks (method, parameters, filters, weights): nothing downloaded. Returns the Recipe."""
-    from lowrank_methods.recipe import parse_recipe
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     recipe = parse_recipe(text)
     if recipe.output == "model":
@@ -331,7 +331,7 @@ class Verdict:
 def adapter_sizes(recipe, root: Path = ROOT) -> dict[str, int]:
     """Bytes of each adapter's files, before anything is downloaded: the bundled files' sizes, or the Hub's file
     listing (adapter_config.json and adapter_model.safetensors)."""
-    from lowrank_methods.hub import _endpoint
+    from lowrank_methods.publish.hub import _endpoint
 
     sizes = {}
     for ref in recipe.adapters:
@@ -364,7 +364,7 @@ def adapter_sizes(recipe, root: Path = ROOT) -> dict[str, int]:
 def validate(text: str, root: Path = ROOT) -> Verdict:
     """The verdict the user sees before merging: the recipe's own checks and the size limit (nothing downloaded), then
     everything ``mergekit-lowrank validate`` checks (configs, headers, shapes, finite factors)."""
-    from lowrank_methods.engine import check_factors, prepare
+    from lowrank_methods.pipeline.engine import check_factors, prepare
 
     try:
         recipe = check_recipe(text)
@@ -405,8 +405,8 @@ Progress = Callable[[float, str], None]
 def pin_hub_sources(text: str) -> str:
     """The recipe with every Hub source pinned to the commit its revision points to now (what is merged is exactly
     what the card then names; ``mergekit-lowrank remix`` reproduces it byte for byte)."""
-    from lowrank_methods.hub import COMMIT, HUB_ID, last_resolved_commit, resolved_commit
-    from lowrank_methods.recipe import load_yaml
+    from lowrank_methods.publish.hub import COMMIT, HUB_ID, last_resolved_commit, resolved_commit
+    from lowrank_methods.pipeline.recipe import load_yaml
 
     data = load_yaml(text)
     changed = False
@@ -426,8 +426,8 @@ def pin_hub_sources(text: str) -> str:
 
 def merge(text: str, workdir: Path, progress: Progress | None = None, root: Path = ROOT) -> Outcome:
     """Validate, then merge ``text`` into ``workdir/merged``; raises SpaceError (one line) on any refusal."""
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import parse_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     report_progress = progress or (lambda fraction, desc: None)
     report_progress(0.0, "checking the recipe and the adapters' sizes")
@@ -447,7 +447,7 @@ def merge(text: str, workdir: Path, progress: Progress | None = None, root: Path
 
 
 def outcome(out: Path, text: str) -> Outcome:
-    from lowrank_methods.card import PLOT
+    from lowrank_methods.publish.card import PLOT
 
     report = json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
     headers, rows = module_table(report)
@@ -475,7 +475,7 @@ def _cell(value):
 def card_preview(out: Path) -> str:
     """The model card as Markdown to preview: its YAML metadata shown as a code block, the plot link dropped (the
     app shows the plot itself)."""
-    from lowrank_methods.card import PLOT
+    from lowrank_methods.publish.card import PLOT
 
     text = (out / "README.md").read_text(encoding="utf-8") if (out / "README.md").is_file() else ""
     if text.startswith("---\n"):
@@ -546,7 +546,7 @@ def predictions(out: Path, text: str) -> tuple[list[str], list[list]]:
 # -- download and push -------------------------------------------------------------------------------------------------
 def zip_output(out: Path) -> Path:
     """The merged folder as ``<workdir>/<name>.zip`` (every file a push would upload; fixed timestamps)."""
-    from lowrank_methods.staging import MARKER
+    from lowrank_methods.pipeline.staging import MARKER
 
     out = Path(out)
     target = out.parent / f"{out.name}.zip"
@@ -561,7 +561,7 @@ def zip_output(out: Path) -> Path:
 
 def push_output(out: Path, repo_id: str, token: str | None, *, private: bool = True) -> str:
     """Push the merged folder with the *user's* token (never the Space's own): returns the repo's URL."""
-    from lowrank_methods.hub import _endpoint, push
+    from lowrank_methods.publish.hub import _endpoint, push
 
     repo_id = (repo_id or "").strip()
     token = (token or "").strip()

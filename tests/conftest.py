@@ -124,7 +124,7 @@ def listing(*dirs: Path) -> dict[str, list[str]]:
 
 def folder_bytes(path: Path) -> dict[str, bytes]:
     """What a push uploads from an output folder: every file but our local ownership marker."""
-    from lowrank_methods.staging import MARKER
+    from lowrank_methods.pipeline.staging import MARKER
 
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
 

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import dense_delta, merged_delta, write_adapter, write_recipe
-from lowrank_methods.bundle import ReversibleBundle, summary_table
+from lowrank_methods.formats.bundle import ReversibleBundle, summary_table
 from lowrank_methods.cli import main
-from lowrank_methods.engine import run_merge
-from lowrank_methods.errors import MAX_MESSAGE, BundleError
-from lowrank_methods.recipe import load_recipe
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.core.errors import MAX_MESSAGE, BundleError
+from lowrank_methods.pipeline.recipe import load_recipe
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
 HEAD = "base_model.model.score.weight"  # a modules_to_save tensor that task "a" carries

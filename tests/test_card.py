@@ -8,10 +8,10 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
 from conftest import BASE, write_adapter, write_recipe
-from lowrank_methods.card import PAPERS, PLOT, by_layer, card_data, public_report, render_card
-from lowrank_methods.engine import run_merge
-from lowrank_methods.recipe import load_recipe
-from lowrank_methods.registry import list_methods
+from lowrank_methods.publish.card import PAPERS, PLOT, by_layer, card_data, public_report, render_card
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.pipeline.recipe import load_recipe
+from lowrank_methods.core.method import list_methods
 
 SHAPES = {f"model.layers.{i}.self_attn.{p}": (12, 8) for i in range(3) for p in ("q_proj", "v_proj")}
 FAKE_TOKEN = "hf_SecretSecretSecret1234567890"
@@ -147,7 +147,7 @@ def test_every_method_has_a_paper_entry_and_a_valid_card():
 
 
 def test_scrub_text_removes_home_as_a_path_only(monkeypatch):
-    from lowrank_methods.card import scrub_text
+    from lowrank_methods.publish.card import scrub_text
 
     monkeypatch.setenv("HOME", "/home/alice")
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)

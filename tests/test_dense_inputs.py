@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_methods.errors import MergeError, RecipeError
-from lowrank_methods.factors import LoraFactors
-from lowrank_methods.registry import get_method, list_methods
+from lowrank_methods.core.errors import MergeError, RecipeError
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.method import get_method, list_methods
 
 OURS = sorted(m.name for m in list_methods() if m.in_mergekit)
 W = [0.7, 1.3, 0.5]

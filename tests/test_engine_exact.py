@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import dense_delta, merged_delta, write_adapter, write_recipe
-from lowrank_methods.engine import run_merge
-from lowrank_methods.recipe import load_recipe
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.pipeline.recipe import load_recipe
 
 Q0, D0, Q1, V1 = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
 EMB = "model.embed_tokens"

@@ -211,7 +211,7 @@ def test_refusals_are_one_line_and_leave_nothing(tiny, tmp_path):
 
 
 def test_checkpoint_names_with_a_prefix_added_or_removed():
-    from lowrank_methods.full_model_writer import key_rule
+    from lowrank_methods.formats.full_model import key_rule
 
     names = ["model.layers.0.q.weight", "model.layers.1.q.weight"]
     assert key_rule(names, {"model.layers.0.q.weight", "model.layers.1.q.weight"}) == ("", "")
@@ -252,8 +252,8 @@ def test_bundled_minilm_example_as_a_full_model(patched, tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import load_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import load_recipe
 
     def status(field):
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) * 1024

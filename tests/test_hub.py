@@ -9,10 +9,10 @@ import pytest
 
 from conftest import folder_bytes, dense_delta, merged_delta, write_adapter, write_recipe
 from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
-from lowrank_methods.engine import run_merge
-from lowrank_methods.errors import MergeError
-from lowrank_methods.hub import push, resolve_adapter
-from lowrank_methods.recipe import load_recipe, parse_recipe
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.publish.hub import push, resolve_adapter
+from lowrank_methods.pipeline.recipe import load_recipe, parse_recipe
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
 SHAPES = {Q0: (12, 8), Q1: (12, 8)}
@@ -215,7 +215,7 @@ def test_private_hub_adapter_needs_the_token(fake_hub, tmp_path, monkeypatch):
 
 
 def test_full_models_and_base_models_fetch_only_config_tokenizer_and_safetensors(fake_hub):
-    from lowrank_methods.hub import resolve_model
+    from lowrank_methods.publish.hub import resolve_model
 
     model_files = {"config.json": b"{}", "model.safetensors": b"weights", "tokenizer.json": b"{}",
                    "pytorch_model.bin": b"pickle", "optimizer.pt": b"state", "README.md": b"# model\n"}

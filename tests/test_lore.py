@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_methods.errors import MergeError
-from lowrank_methods.methods.lore import energy_threshold, lore_decompose, lore_merge, svt
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.methods.lore import energy_threshold, lore_decompose, lore_merge, svt
 
 F64 = torch.float64
 

@@ -17,7 +17,7 @@ from test_lore import _reference_lore, _reference_ties
 REPO = Path(__file__).resolve().parents[1]
 # registers "lore" unless the plugin already did (its import hook may be installed), then runs mergekit-yaml
 LAUNCHER = ("from mergekit.merge_methods import register, registered_methods; "
-            "from lowrank_methods.methods.lore import mergekit_method; "
+            "from lowrank_methods.core.methods.lore import mergekit_method; "
             "m = mergekit_method(); "
             "m.spec.name in {x.spec.name for x in registered_methods()} or register(m); "
             "from mergekit.scripts.run_yaml import main; main()")
@@ -152,7 +152,7 @@ def test_mergekit_yaml_runs_lore_on_base_plus_lora_refs(lora_models, tmp_path):
 def test_kernel_on_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from lowrank_methods.methods.lore import lore_merge
+    from lowrank_methods.core.methods.lore import lore_merge
 
     g = torch.Generator().manual_seed(0)
     thetas = [torch.randn(256, 192, generator=g, dtype=torch.float64) for _ in range(3)]

@@ -42,7 +42,7 @@ def one_worker(monkeypatch):
     start with MKL's default thread count, not the one intra-op thread threads.py sets (a ThreadPoolExecutor
     initializer calling torch.set_num_threads(1) makes it deterministic). The equality tested here is of the two
     commands, so it is tested where the engine itself is deterministic."""
-    import lowrank_methods.threads as threads
+    import lowrank_methods.pipeline.threads as threads
 
     monkeypatch.setattr(threads, "available_cores", lambda: 1)
 
@@ -165,7 +165,7 @@ def test_ties_full_model_output_equals_stock_mergekit(patched, tiny, tmp_path):
 
 def test_weighted_ties_differs_from_the_count_mean(patched, tiny, tmp_path):
     """The alias is mergekit's TIES (÷ Σ w over agreeing entries), not PEFT's disjoint mean (÷ their count)."""
-    from lowrank_methods.rules import ties
+    from lowrank_methods.core.rules import ties
 
     our_cli(recipe(tiny, tmp_path / "bare.yml", "ties", lora=False), tmp_path / "out")
     from conftest import dense_delta
@@ -185,8 +185,8 @@ def test_ties_alias_is_mergekits_ties_kernel(patched, density, normalize, rescal
     """The alias on factors against mergekit's own `ties` kernel on base + B_t A_t (float64), every knob."""
     from mergekit.merge_methods import merge_tensors
 
-    from lowrank_methods.factors import LoraFactors
-    from lowrank_methods.registry import get_method
+    from lowrank_methods.core.types import LoraFactors
+    from lowrank_methods.core.method import get_method
 
     g = torch.Generator().manual_seed(4)
     factors = [LoraFactors(A=torch.randn(r, 9, generator=g, dtype=torch.float64),
@@ -271,7 +271,7 @@ def _config(text: str):
 
 def test_routing_rule(patched, tiny):
     """Only recipes whose every model is a bare adapter directory are routed; base+lora and mixes stay mergekit's."""
-    from lowrank_methods.errors import MergeError
+    from lowrank_methods.core.errors import MergeError
     from lowrank_methods.mergekit_plugin.route import check
 
     base, a, b = tiny / "base", tiny / "a", tiny / "b"

@@ -33,7 +33,7 @@ class DictLoader:
 
 
 def _direct(path, base):
-    from lowrank_methods.factors import AdapterSource
+    from lowrank_methods.formats.peft import AdapterSource
     from lowrank_methods.mergekit_plugin.loader import DirectLoraLoader
 
     return DirectLoraLoader(DictLoader(base), AdapterSource.open(path))
@@ -136,7 +136,7 @@ def test_patched_mergekit_code_is_the_code_the_patches_replace(patched):
 def test_every_in_mergekit_method_is_registered(patched):
     from mergekit.merge_methods import registered_methods
 
-    from lowrank_methods.registry import list_methods
+    from lowrank_methods.core.method import list_methods
 
     names = {m.spec.name for m in registered_methods()}
     ours = {m.name for m in list_methods() if m.in_mergekit}
@@ -166,7 +166,7 @@ def test_bad_recipe_fails_before_any_loading(patched, tmp, text, message):
     """One line, raised before mergekit reads a config (every path here is missing, so any load would fail)."""
     from mergekit.options import MergeOptions
 
-    from lowrank_methods.errors import MergeError
+    from lowrank_methods.core.errors import MergeError
 
     with pytest.raises(MergeError) as err:
         patched.run_merge(_config(text), str(tmp / "out"), MergeOptions(), config_source=text)
@@ -177,7 +177,7 @@ def test_bad_recipe_fails_before_any_loading(patched, tmp, text, message):
 def test_bare_adapter_in_a_stock_recipe_fails_with_the_fix(patched, tmp):
     from mergekit.options import MergeOptions
 
-    from lowrank_methods.errors import MergeError
+    from lowrank_methods.core.errors import MergeError
 
     a = write_adapter(tmp / "a", {"m.w": (4, 3)})  # (task_arithmetic/linear/ties run it: test_mergekit_names.py)
     text = f"merge_method: dare_ties\nbase_model: /nowhere/b\nmodels: [{{model: {a}}}]"
@@ -197,7 +197,7 @@ def test_device_reaches_the_engine(patched, tmp, monkeypatch):
     """--cuda / --device: the engine computes on options.device (no GPU needed to see it passed)."""
     from mergekit.options import MergeOptions
 
-    import lowrank_methods.engine as engine
+    import lowrank_methods.pipeline.engine as engine
 
     seen = {}
     monkeypatch.setattr(engine, "run_merge", lambda recipe, out, **kw: seen.update(kw, method=recipe.method.name))

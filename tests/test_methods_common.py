@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_methods.factors import LoraFactors
+from lowrank_methods.core.types import LoraFactors
 from test_methods_core_space import random_factors, run
 
 D = torch.float64

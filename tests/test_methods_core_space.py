@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_methods.factors import LoraFactors
-from lowrank_methods.registry import get_method
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.method import get_method
 from test_rules import iso_cts_reference, polar_ref, rank_of, tsv_reference
 
 D = torch.float64
@@ -126,7 +126,7 @@ def test_core_space_tsv_keeps_R_over_T_components_per_task():
 def test_factored_core_space_is_lossless_and_has_the_core_space_bases(ranks):
     from types import SimpleNamespace
 
-    from lowrank_methods.linalg import factored_core_space
+    from lowrank_methods.core.linalg import factored_core_space
 
     fs = random_factors(ranks, seed=7)
     Qb, core, QaT = factored_core_space(fs)

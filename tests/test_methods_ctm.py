@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_methods.factors import LoraFactors
+from lowrank_methods.core.types import LoraFactors
 from test_methods_core_space import WEIGHTS, random_factors, run, ties_reference
 from test_rules import rank_of
 

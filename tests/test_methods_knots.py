@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_methods.factors import LoraFactors
-from lowrank_methods.methods.knots import aligned_components
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.methods.knots import aligned_components
 from test_methods_core_space import WEIGHTS, random_factors, run, ties_reference
 
 D = torch.float64
@@ -61,7 +61,7 @@ def test_knots_dare_p0_is_task_arithmetic_and_rule_choice_is_validated():
     fs = random_factors((3, 2), seed=25)
     out = run("knots", fs, rule="dare", drop_rate=0.0)
     torch.testing.assert_close(out.factors.dense(), fs[0].dense() + fs[1].dense(), rtol=0, atol=1e-12)
-    from lowrank_methods.errors import MergeError
-    from lowrank_methods.registry import get_method
+    from lowrank_methods.core.errors import MergeError
+    from lowrank_methods.core.method import get_method
     with pytest.raises(MergeError, match="rule"):
         get_method("knots").parse_params({"rule": "tsv"})

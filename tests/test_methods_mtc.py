@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_methods.errors import MergeError
-from lowrank_methods.factors import LoraFactors
-from lowrank_methods.methods import mtc as mtc_module
-from lowrank_methods.rules import RuleParams, dare, module_generator
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.methods import mtc as mtc_module
+from lowrank_methods.core.rules import RuleParams, dare, module_generator
 from test_methods_core_space import WEIGHTS, random_factors, run, ties_reference
 from test_rules import rank_of
 
@@ -110,7 +110,7 @@ def test_linear_factors_equals_peft_add_weighted_adapter_linear_when_scale_is_on
 
 @pytest.mark.parametrize("rule", ["ties", "dare", "dare_ties"])
 def test_mtc_dense_rules_refuse_to_run_without_a_rank(rule):
-    from lowrank_methods.registry import get_method
+    from lowrank_methods.core.method import get_method
 
     with pytest.raises(MergeError, match=f"rule '{rule}' merges the dense updates.*set `rank`"):
         get_method("mtc").parse_params({"rule": rule})

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import listing, write_adapter, write_recipe
 from lowrank_methods.cli import main as ours
-from lowrank_methods.staging import MARKER
+from lowrank_methods.pipeline.staging import MARKER
 
 Q = "model.layers.0.self_attn.q_proj"
 

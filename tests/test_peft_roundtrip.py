@@ -52,8 +52,8 @@ def test_merged_adapter_matches_dense_weighted_sum(saved, tmp_path):
     root, base_state, deltas = saved
     recipe = write_recipe(tmp_path / "r.yml", "task_arithmetic", [(root / n, w) for n, w in WEIGHTS.items()],
                           base_model="tiny-llama")
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import load_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import load_recipe
 
     run_merge(load_recipe(recipe), tmp_path / "merged", quiet=True)
 
@@ -70,8 +70,8 @@ def test_merged_adapter_at_reduced_rank_loads_in_peft(saved, tmp_path):
     root, _, _ = saved
     recipe = write_recipe(tmp_path / "r.yml", "task_arithmetic", [(root / n, w) for n, w in WEIGHTS.items()],
                           {"rank": 0.95}, base_model="tiny-llama")
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import load_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import load_recipe
 
     report = run_merge(load_recipe(recipe), tmp_path / "merged", quiet=True)
     merged = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "merged").eval()

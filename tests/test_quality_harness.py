@@ -15,7 +15,7 @@ from benchmarks.quality.methods import load_factors
 from benchmarks.quality.model import Encoder, accuracy
 from benchmarks.quality.tasks import Task, balanced_splits, parse_synset
 from benchmarks.quality.train import save_adapter, train_adapter
-from lowrank_methods.registry import list_methods
+from lowrank_methods.core.method import list_methods
 
 COLORS = ["red", "blue", "green"]
 SIZES = ["big", "small"]
@@ -167,7 +167,7 @@ def test_head_only_probe(bench):
 def test_subspace_diagnostic(bench):
     """kept fraction against a dense projector built here; MtC is the closest rank-k TA (Eckart–Young)."""
     from benchmarks.quality.subspace import compare, kept_fraction
-    from lowrank_methods.factors import LoraFactors
+    from lowrank_methods.core.types import LoraFactors
 
     g = torch.Generator().manual_seed(1)
     delta = torch.randn(12, 9, generator=g, dtype=torch.float64)

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from lowrank_methods.errors import RecipeError
-from lowrank_methods.recipe import Conditional, evaluate_setting, parse_recipe
+from lowrank_methods.core.errors import RecipeError
+from lowrank_methods.pipeline.recipe import Conditional, evaluate_setting, parse_recipe
 
 SETTINGS = [  # (YAML of one parameter value, the parameter's type)
     ("0.5", float), ("3", int), ("true", bool), ("ties", str), ("1e-3", float), ("1e-3", str),

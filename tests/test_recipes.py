@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_methods.engine import run_merge
-from lowrank_methods.recipe import load_recipe
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.pipeline.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yml"))

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from conftest import write_adapter
 from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
 from lowrank_methods.cli import main
-from lowrank_methods.errors import MergeError, RecipeError
-from lowrank_methods.recipe import read_recipe_text
+from lowrank_methods.core.errors import MergeError, RecipeError
+from lowrank_methods.pipeline.recipe import read_recipe_text
 from lowrank_methods.remix import apply_sets, bundled_recipes, recipe_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def test_a_local_file_of_that_name_wins(fake_hub, tmp_path, monkeypatch):
     Path("org").mkdir()
     Path("org/recipes:recipe.yml").write_text("merge_method: cat\nmodels: []\n")
     with pytest.raises(RecipeError, match="lists no models"):
-        from lowrank_methods.recipe import parse_recipe
+        from lowrank_methods.pipeline.recipe import parse_recipe
 
         parse_recipe(read_recipe_text("org/recipes:recipe.yml"))
     assert fake_hub.requests == []
@@ -239,8 +239,8 @@ def test_offline_hub_recipe_from_the_cache_else_one_line(fake_hub, tmp_path, mon
 
 
 def test_hub_commit_is_remembered_by_resolve_adapter(fake_hub, tmp_path):
-    from lowrank_methods.hub import last_resolved_commit, resolve_adapter, resolved_commit, snapshot_commit
-    from lowrank_methods.recipe import parse_recipe
+    from lowrank_methods.publish.hub import last_resolved_commit, resolve_adapter, resolved_commit, snapshot_commit
+    from lowrank_methods.pipeline.recipe import parse_recipe
 
     commits = seed_sources(fake_hub, tmp_path)
     ref = parse_recipe("merge_method: cat\nmodels:\n  - model: org/lora-a\n").adapters[0]

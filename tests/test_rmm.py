@@ -7,11 +7,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import dense_delta, merged_delta, write_adapter, write_recipe
-from lowrank_methods.bundle import ReversibleBundle, paper_ratio
+from lowrank_methods.formats.bundle import ReversibleBundle, paper_ratio
 from lowrank_methods.cli import main
-from lowrank_methods.engine import run_merge
-from lowrank_methods.errors import MergeError
-from lowrank_methods.recipe import load_recipe
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.pipeline.recipe import load_recipe
 
 Q0, D0, V1 = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"
 EMB = "model.embed_tokens"

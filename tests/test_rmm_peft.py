@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from lowrank_methods.bundle import ReversibleBundle
-from lowrank_methods.engine import run_merge
-from lowrank_methods.errors import MergeError
-from lowrank_methods.recipe import load_recipe
+from lowrank_methods.formats.bundle import ReversibleBundle
+from lowrank_methods.pipeline.engine import run_merge
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.pipeline.recipe import load_recipe
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

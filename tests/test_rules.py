@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from lowrank_methods.errors import MergeError
-from lowrank_methods.linalg import tucker2
-from lowrank_methods.registry import get_method
-from lowrank_methods.rules import RuleParams, apply_rule, dare, iso_c, iso_cts, module_generator, ties, tsv
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.linalg import tucker2
+from lowrank_methods.core.method import get_method
+from lowrank_methods.core.rules import RuleParams, apply_rule, dare, iso_c, iso_cts, module_generator, ties, tsv
 
 D = torch.float64
 

@@ -23,8 +23,8 @@ from pydantic import Field, PositiveInt
 
 from conftest import folder_bytes, write_adapter
 from hub_server import TOKEN, FakeHub, fake_hub, isolate_hf_home  # noqa: F401  (fixture)
-from lowrank_methods import registry
-from lowrank_methods.recipe import parse_recipe
+from lowrank_methods.core import method as registry
+from lowrank_methods.pipeline.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "space"
@@ -233,8 +233,8 @@ def test_merge_of_two_bundled_adapters_with_ctm(merged_two, tmp_path, at_root):
     assert done.is_minilm
     # the recipe shown to the user is the recipe that ran: the CLI merges it to the same bytes
     (tmp_path / "recipe.yml").write_text(done.recipe)
-    from lowrank_methods.engine import run_merge
-    from lowrank_methods.recipe import load_recipe
+    from lowrank_methods.pipeline.engine import run_merge
+    from lowrank_methods.pipeline.recipe import load_recipe
 
     run_merge(load_recipe(tmp_path / "recipe.yml"), tmp_path / "cli", quiet=True)
     assert (tmp_path / "cli" / "adapter_model.safetensors").read_bytes() == \
@@ -326,7 +326,7 @@ def test_the_staged_space_runs_from_its_own_files(tmp_path):
     import deploy
 
     files = deploy.stage(tmp_path / "space")
-    assert {"README.md", "app.py", "lowrank_space.py", "requirements.txt", "lowrank_methods/engine.py",
+    assert {"README.md", "app.py", "lowrank_space.py", "requirements.txt", "lowrank_methods/pipeline/engine.py",
             "benchmarks/quality/model.py", "examples/minilm-wordnet8/adapters/noun8/adapter_model.safetensors",
             "examples/minilm-wordnet8/data/noun8.jsonl", "recipes/wordnet8-ctm.yml"} <= set(files)
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]

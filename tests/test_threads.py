@@ -66,7 +66,7 @@ def _natural(name):
 
 
 def test_default_is_the_affinity_mask_not_the_machine(monkeypatch):
-    import lowrank_methods.threads as threads
+    import lowrank_methods.pipeline.threads as threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 2, 5})
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 64)
@@ -77,7 +77,7 @@ def test_default_is_the_affinity_mask_not_the_machine(monkeypatch):
 
 
 def test_cli_default_uses_the_available_cores(tmp_path, adapters, monkeypatch):
-    import lowrank_methods.threads as threads
+    import lowrank_methods.pipeline.threads as threads
 
     plans = []
     plan = threads.plan_threads
@@ -102,7 +102,7 @@ def test_zero_or_negative_threads_is_a_one_line_error(tmp_path, adapters, value)
 def test_each_module_runs_single_threaded_and_torch_is_restored(tmp_path, adapters, monkeypatch):
     """Inside a merge every module sees one intra-op thread, several modules run at once, never more than
     --threads; afterwards torch's thread count is what it was."""
-    from lowrank_methods import registry
+    from lowrank_methods.core import method as registry
 
     registry._load()
     seen, lock, running = [], threading.Lock(), [0, 0]  # running: now, most at once
@@ -130,7 +130,7 @@ def test_each_module_runs_single_threaded_and_torch_is_restored(tmp_path, adapte
 
 def test_results_come_in_plan_order_with_bounded_lookahead():
     """_merged: any completion order, yielded in input order; at most workers + 1 submitted and not yielded."""
-    from lowrank_methods.engine import _merged
+    from lowrank_methods.pipeline.engine import _merged
 
     modules = [f"m{i}" for i in range(20)]
     state = {"computed": 0, "yielded": 0, "ahead": 0}
@@ -170,7 +170,7 @@ def test_the_first_failing_module_in_plan_order_is_reported(tmp_path):
 
 def test_a_gpu_device_gets_one_worker(monkeypatch):
     """No GPU needed: the plan, and "cuda" pinned to the caller's current GPU (a worker thread starts on GPU 0)."""
-    from lowrank_methods.threads import ThreadPlan, pinned_device, plan_threads
+    from lowrank_methods.pipeline.threads import ThreadPlan, pinned_device, plan_threads
 
     assert plan_threads(8, torch.device("cuda")) == ThreadPlan(workers=1, intra_op=1)
     assert plan_threads(8, torch.device("cpu")) == ThreadPlan(workers=8, intra_op=1)
@@ -182,7 +182,7 @@ def test_a_gpu_device_gets_one_worker(monkeypatch):
 
 def test_an_error_stops_the_queue():
     """A failing module: it is raised, and modules queued behind it never start (at most the lookahead ran)."""
-    from lowrank_methods.engine import _merged
+    from lowrank_methods.pipeline.engine import _merged
 
     started = []
 
@@ -205,7 +205,7 @@ def test_mergekit_num_threads_reaches_the_engine(patched, tmp_path, adapters, mo
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    import lowrank_methods.threads as threads
+    import lowrank_methods.pipeline.threads as threads
 
     plans = []
     plan = threads.plan_threads

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from lowrank_methods.factors import LoraFactors
+from lowrank_methods.core.types import LoraFactors
 
 from .model import Encoder, accuracy, label_heads
 

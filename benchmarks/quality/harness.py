@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank_methods.errors import MergeError
-from lowrank_methods.factors import LoraFactors
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.types import LoraFactors
 
 from .evaluate import Evaluator
 from .methods import Candidate, Merged, PeftPeers, load_factors, package_candidates

@@ -16,8 +16,10 @@ from typing import Callable, get_args
 
 import torch
 
-from lowrank_methods.factors import AdapterSource, LoraFactors
-from lowrank_methods.registry import list_methods
+from lowrank_methods.formats.peft import AdapterSource
+
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.method import list_methods
 
 LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
 SECOND_STAGE = {"density": (0.1, 0.2, 0.5), "drop_rate": (0.1, 0.5)}

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from lowrank_methods.registry import get_method
+from lowrank_methods.core.method import get_method
 
 from .methods import load_factors
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 def register() -> None:
     """Add our methods (and LoRE) to mergekit's registry."""
-    from .methods import register_methods
+    from lowrank_methods.mergekit_plugin.methods import register_methods
 
     register_methods()
 
 
 def patch() -> None:
     """Route recipes of our methods to our engine and read ``base+lora`` directly (``patches.py``)."""
-    from .patches import install_patches
+    from lowrank_methods.mergekit_plugin.patches import install_patches
 
     register()
     install_patches()

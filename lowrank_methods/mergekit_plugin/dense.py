@@ -55,11 +55,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import ComputeError, MergeError, RecipeError, short
-from ..factors import LoraFactors
-from ..linalg import LowRankSVD, numerical_rank, truncate
-from ..registry import MAX_MAGNITUDE, Method, MethodParams, get_method
-from ..rules import apply_rule, iso_c, iso_cts, tsv
+from lowrank_methods.core.errors import ComputeError, MergeError, RecipeError, short
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.linalg import LowRankSVD, numerical_rank, truncate
+from lowrank_methods.core.method import MAX_MAGNITUDE, Method, MethodParams, get_method
+from lowrank_methods.core.rules import apply_rule, iso_c, iso_cts, tsv
 
 DENSE_OUTPUTS = (None, "model")  # `output: adapter` / `bundle` describe the adapter route's files
 
@@ -134,7 +134,7 @@ def _is_default(value, default) -> bool:
 
 
 def _drop_other_rules_knobs(method: Method, values: dict, fields: dict) -> dict:
-    from .. import rules
+    from lowrank_methods.core import rules
 
     knobs = getattr(rules, "RULE_KNOBS", None)
     if knobs is None or "rule" not in fields:

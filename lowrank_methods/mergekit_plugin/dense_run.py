@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import RecipeError
+from lowrank_methods.core.errors import RecipeError
 
 FULL_MODEL_METHODS = ("lore",)
 
 
 def is_full_model_recipe(text: str) -> bool:
     """True for a recipe whose merge_method is one of ours that runs on full models through mergekit."""
-    from ..recipe import load_yaml
+    from lowrank_methods.pipeline.recipe import load_yaml
 
     data = load_yaml(text)
     return isinstance(data, dict) and data.get("merge_method") in FULL_MODEL_METHODS
@@ -31,10 +31,10 @@ def mergekit_config(text: str):
     import mergekit.merge  # noqa: F401  (the start-up hook registers our methods and patches here)
     from mergekit.config import MergeConfiguration
 
-    from ..recipe import load_yaml
-    from ..registry import _one_line
+    from lowrank_methods.pipeline.recipe import load_yaml
+    from lowrank_methods.core.method import _one_line
     from . import patch
-    from .route import check
+    from lowrank_methods.mergekit_plugin.route import check
 
     patch()  # idempotent: also where the start-up hook is not installed (e.g. a source checkout)
     try:
@@ -51,8 +51,8 @@ def run_full_model_merge(text: str, out: str | Path, *, overwrite: bool, device:
     import mergekit.merge
     from mergekit.options import MergeOptions
 
-    from ..staging import StagedOutput
-    from .patches import original
+    from lowrank_methods.pipeline.staging import StagedOutput
+    from lowrank_methods.mergekit_plugin.patches import original
 
     config = mergekit_config(text)
     inputs = tuple(Path(str(m.model.path)) for m in config.referenced_models() if Path(str(m.model.path)).exists())

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..factors import AdapterSource
-from ..recipe import AdapterRef
+from lowrank_methods.formats.peft import AdapterSource
+from lowrank_methods.pipeline.recipe import AdapterRef
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -69,7 +69,7 @@ def peft_delta(src: AdapterSource, module: str) -> torch.Tensor:
 
 def open_adapter(lora, model_path) -> AdapterSource:
     """Open the adapter half of a mergekit ``base+lora`` reference (``ModelPath``s) with the engine's resolver."""
-    from ..hub import resolve_adapter
+    from lowrank_methods.publish.hub import resolve_adapter
 
     name = str(lora.path).rstrip("/").rsplit("/", 1)[-1]
     ref = AdapterRef(name, lora.path, lora.revision, str(model_path), {})

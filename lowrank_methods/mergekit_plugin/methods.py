@@ -39,7 +39,7 @@ def mergekit_method(method):
 
         def merge_group(self, group, /, *, weight, **params):
             """The method's dense form on this group's tensors (``dense.merge_dense``)."""
-            from .dense import merge_dense
+            from lowrank_methods.mergekit_plugin.dense import merge_dense
 
             entries = group.non_base
             return merge_dense(method, [e.tensor for e in entries], weight.values_for(entries), params,
@@ -52,7 +52,7 @@ def register_methods() -> list[str]:
     """Register every method mergekit does not already have (idempotent); returns the names added."""
     from mergekit.merge_methods import register, registered_methods
 
-    from ..registry import list_methods
+    from lowrank_methods.core.method import list_methods
 
     have = {m.spec.name for m in registered_methods()}
     added = []
@@ -62,7 +62,7 @@ def register_methods() -> list[str]:
             added.append(method.name)
     if "lore" not in have:
         try:
-            from ..methods.lore import mergekit_method as lore_method
+            from lowrank_methods.core.methods.lore import mergekit_method as lore_method
 
             register(lore_method())
             added.append("lore")

@@ -84,7 +84,7 @@ def _replace(owner, name: str, replacement) -> None:
 def _loader_cache_get(self, model):
     from mergekit.common import ModelReference
 
-    from .loader import DirectLoraLoader, open_adapter
+    from lowrank_methods.mergekit_plugin.loader import DirectLoraLoader, open_adapter
 
     if model.lora is not None and model not in self.loaders:
         base = self.get(ModelReference(model=model.model, override_architecture=model.override_architecture))

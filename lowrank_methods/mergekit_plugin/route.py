@@ -20,14 +20,14 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..errors import MergeError
+from lowrank_methods.core.errors import MergeError
 
 
 def run_merge(merge_config, out_path: str, options, config_source: str | None = None):
     import mergekit.merge
 
-    from ..interrupts import terminate_as_interrupt
-    from .patches import original
+    from lowrank_methods.pipeline.interrupts import terminate_as_interrupt
+    from lowrank_methods.mergekit_plugin.patches import original
 
     try:
         recipe = check(merge_config, config_source)
@@ -45,10 +45,10 @@ def check(merge_config, config_source: str | None = None):
     """Validate the recipe without reading any tensor: our ``Recipe`` for our methods, None for mergekit's."""
     from mergekit.merge_methods import registered_methods
 
-    from ..recipe import parse_recipe
-    from ..registry import list_methods
+    from lowrank_methods.pipeline.recipe import parse_recipe
+    from lowrank_methods.core.method import list_methods
 
-    from .dense_run import FULL_MODEL_METHODS
+    from lowrank_methods.mergekit_plugin.dense_run import FULL_MODEL_METHODS
 
     name = merge_config.merge_method
     ours = {m.name for m in list_methods() if m.in_mergekit}
@@ -128,7 +128,7 @@ def _check_stock_parameters(spec, merge_config, strict: bool = False) -> None:
 
     from pydantic import TypeAdapter, ValidationError
 
-    from ..registry import _one_line
+    from lowrank_methods.core.method import _one_line
 
     specs = {p.name: p for p in spec.parameters}
     blocks = [("parameters", merge_config.parameters or {})]
@@ -154,7 +154,7 @@ def _check_stock_parameters(spec, merge_config, strict: bool = False) -> None:
 
 def _merge_to_adapter(recipe, out_path: str, options):
     """mergekit-yaml has no --overwrite: a previous output of ours is replaced, nothing else ever is."""
-    from ..engine import run_merge
+    from lowrank_methods.pipeline.engine import run_merge
 
     return run_merge(recipe, Path(out_path), device=options.device or "cpu", overwrite=True, quiet=options.quiet,
                      write_card=options.write_model_card, threads=options.num_threads)  # None: the available cores
@@ -168,8 +168,8 @@ def _merge_to_model(recipe, merge_config, out_path: str, options, config_source:
     import logging
     import time
 
-    from ..engine import DTYPES, merge_into, prepare, resolve_device
-    from ..staging import StagedOutput
+    from lowrank_methods.pipeline.engine import DTYPES, merge_into, prepare, resolve_device
+    from lowrank_methods.pipeline.staging import StagedOutput
 
     if not options.safe_serialization:
         logging.getLogger(__name__).warning("output: model is always written as safetensors; "
@@ -194,8 +194,8 @@ def _fail(err: BaseException):
 
     import click
 
-    from ..errors import error_line
-    from ..interrupts import interrupted_line
+    from lowrank_methods.core.errors import error_line
+    from lowrank_methods.pipeline.interrupts import interrupted_line
 
     if click.get_current_context(silent=True) is None:
         raise err

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import MergeError
-from .linalg import LowRankSVD, truncate
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.linalg import LowRankSVD, truncate
 
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings)$")
 

@@ -336,7 +336,7 @@ def _plot_energy(path: Path, data: dict) -> bool:
 
 def _summary(name: str) -> str:
     try:
-        from .registry import get_method
+        from lowrank_methods.core.method import get_method
 
         return get_method(name).summary
     except Exception:  # a card can be rendered for a method this install does not know

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import MergeError
+from lowrank_methods.core.errors import MergeError
 
 
 def available_cores() -> int:

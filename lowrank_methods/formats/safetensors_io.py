@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError, CorruptAdapterError, one_line, short
+from lowrank_methods.core.errors import AdapterError, CorruptAdapterError, one_line, short
 
 MAX_HEADER_SIZE = 100_000_000
 MAX_JSON_DEPTH = 127  # serde_json's recursion limit: the 128th nested container is refused

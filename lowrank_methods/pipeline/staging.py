@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError, OutputExistsError
+from lowrank_methods.core.errors import OutputError, OutputExistsError
 
 MARKER = ".mergekit-lowrank.json"
 OUTPUT_FORMAT = "mergekit-lowrank/output"

@@ -11,9 +11,10 @@ from typing import Literal
 
 import torch
 
-from ..linalg import numerical_rank, svd_of_product, truncate, weighted
-from ..registry import ModuleResult, Rank, method
-from ..rules import RuleParams, apply_rule, over_present_tasks
+from lowrank_methods.core.linalg import numerical_rank, svd_of_product, truncate, weighted
+from lowrank_methods.core.method import Rank, method
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.rules import RuleParams, apply_rule, over_present_tasks
 
 
 class KnotsParams(RuleParams):

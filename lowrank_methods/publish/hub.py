@@ -13,8 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from .errors import HubError, MergeError
-from .recipe import AdapterRef
+from lowrank_methods.core.errors import HubError, MergeError
+from lowrank_methods.pipeline.recipe import AdapterRef
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 PICKLE_FILES = ["adapter_model.bin"]
@@ -128,7 +128,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         if revision and revision != "main" and not revision.startswith("refs/pr/"):  # refs/pr/N: add to an open PR
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         _card_with_repo_id(folder, repo_id)
-        from .staging import MARKER  # our local ownership marker: meaningless on the Hub
+        from lowrank_methods.pipeline.staging import MARKER  # our local ownership marker: meaningless on the Hub
 
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message or _default_message(folder), ignore_patterns=[MARKER])
@@ -176,7 +176,7 @@ def check_can_push(repo_id: str, *, revision: str | None = None, create_pr: bool
 
 def _card_with_repo_id(folder: Path, repo_id: str) -> None:
     """Put the repo id into the card's usage code, unless README.md was edited by hand since the merge wrote it."""
-    from .card import PLOT, render_card
+    from lowrank_methods.publish.card import PLOT, render_card
 
     readme, report = folder / "README.md", folder / "merge_report.json"
     if not (readme.is_file() and report.is_file()):

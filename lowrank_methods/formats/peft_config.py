@@ -38,7 +38,7 @@ from typing import Annotated, Any
 import re2  # google-re2: linear-time matching
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError
 
-from .errors import AdapterError, CorruptAdapterError, UnsupportedAdapterError, one_line, short
+from lowrank_methods.core.errors import AdapterError, CorruptAdapterError, UnsupportedAdapterError, one_line, short
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 * 2**20      # PEFT configs are a few kB; a 10,000-entry rank_pattern is about 1 MB

@@ -23,8 +23,8 @@ from typing import Any, Callable, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .errors import RecipeError, short
-from .registry import MAX_MAGNITUDE, Method, MethodParams, get_method, _one_line
+from lowrank_methods.core.errors import RecipeError, short
+from lowrank_methods.core.method import MAX_MAGNITUDE, Method, MethodParams, get_method, _one_line
 
 Scalar = Union[bool, int, float, str]
 
@@ -137,11 +137,11 @@ def read_recipe_text(path: str | Path) -> str:
     name wins), downloaded with ``hf_hub_download`` into huggingface_hub's cache (``HF_HUB_OFFLINE=1``: from the
     cache, else one line saying so)."""
     if not Path(path).exists():
-        from .hub import parse_recipe_ref
+        from lowrank_methods.publish.hub import parse_recipe_ref
 
         ref = parse_recipe_ref(str(path))
         if ref is not None:
-            from .hub import download_file
+            from lowrank_methods.publish.hub import download_file
 
             repo_id, filename, revision = ref
             cached = download_file(repo_id, filename, revision, what=f"recipe {path}", max_bytes=MAX_RECIPE_BYTES,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
-from ..errors import RecipeError
-from ..linalg import svd_of_product, truncate
-from ..rules import over_present_tasks
-from ..registry import MethodParams, ModuleResult, method
+from lowrank_methods.core.errors import RecipeError
+from lowrank_methods.core.linalg import svd_of_product, truncate
+from lowrank_methods.core.rules import over_present_tasks
+from lowrank_methods.core.method import MethodParams, method
+from lowrank_methods.core.types import ModuleResult
 
 
 def check_equal_ranks(params: MethodParams, weights, ranks) -> None:

@@ -21,10 +21,11 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ComputeError, MergeError, short
-from .factors import AdapterSource, LoraFactors, ModuleLayout, check_compatible
-from .recipe import Recipe
-from .registry import ModuleResult
+from lowrank_methods.core.errors import ComputeError, MergeError, short
+from lowrank_methods.formats.peft import AdapterSource, ModuleLayout, check_compatible
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.pipeline.recipe import Recipe
+from lowrank_methods.core.types import ModuleResult
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -111,8 +112,8 @@ def open_sources(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | 
                  ) -> tuple[list[AdapterSource], str | None]:
     """Resolve and open every adapter (configs and key indexes only); returns them and the shared base model.
     Full fine-tuned models (rmm's PT-SVD inputs) become temporary adapters in ``scratch``."""
-    from .full_models import as_adapter_dirs
-    from .hub import resolve_adapter
+    from lowrank_methods.pipeline.full_model_inputs import as_adapter_dirs
+    from lowrank_methods.publish.hub import resolve_adapter
 
     paths = [resolve_adapter(ref, allow_pickle=allow_pickle) for ref in recipe.adapters]
     paths = as_adapter_dirs(recipe, paths, scratch)
@@ -172,8 +173,8 @@ def run_merge(
     """Merge the recipe's adapters module by module and write the result atomically to ``out``.
     ``threads``: modules merged at once (default: the cores this process may run on).
     ``out_shard_size``: bytes per weights file of ``output: model`` (int, or "500M", "5B"; default 5B)."""
-    from .staging import StagedOutput
-    from .threads import check_threads
+    from lowrank_methods.pipeline.staging import StagedOutput
+    from lowrank_methods.pipeline.threads import check_threads
 
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -192,8 +193,8 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
                writer_options: dict | None = None) -> MergeReport:
     """The streaming loop: every module merged (``threads`` at once on the CPU) and handed to the writer in plan
     order, which writes into ``stage.path``."""
-    from .threads import device_scope, intra_op_threads, pinned_device, plan_threads
-    from .writers import open_writer
+    from lowrank_methods.pipeline.threads import device_scope, intra_op_threads, pinned_device, plan_threads
+    from lowrank_methods.formats.writers_tmp import open_writer
 
     recipe, sources, base, plan = ready.recipe, ready.sources, ready.base, ready.plan
     first = sources[0].config
@@ -231,7 +232,7 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
         staged = writer.finish({**first, "base_model_name_or_path": base})
         _write_report(staged, report)
         if write_card:
-            from .card import write_card
+            from lowrank_methods.publish.card import write_card
 
             write_card(staged, report)
     except BaseException:
@@ -339,7 +340,7 @@ def _describe(ref, src: AdapterSource) -> dict:
     ranks = sorted({src.rank_alpha(m)[0] for m in src.modules})
     scales = sorted({round(src.scale(m), 6) for m in src.modules})
     weight = ref.settings.get("weight", 1.0)
-    from .hub import last_resolved_commit
+    from lowrank_methods.publish.hub import last_resolved_commit
 
     on_hub = not Path(ref.adapter).expanduser().exists()
     return {"name": ref.name, "source": ref.adapter, "on_hub": on_hub, "revision": ref.revision,
@@ -357,7 +358,7 @@ def _recipe_base(recipe: Recipe) -> str | None:
 def _write_report(path: Path, report: MergeReport) -> None:
     import json
 
-    from .card import public_report  # no absolute local paths or tokens: the folder may be pushed to the Hub
+    from lowrank_methods.publish.card import public_report  # no absolute local paths or tokens: the folder may be pushed to the Hub
 
     (path / "merge_report.json").write_text(json.dumps(public_report(report), indent=2, allow_nan=False) + "\n")
 

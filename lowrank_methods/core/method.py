@@ -21,8 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import Annotated
 
-from .errors import RecipeError, short
-from .factors import LoraFactors
+from lowrank_methods.core.errors import RecipeError, short
+from lowrank_methods.core.types import LoraFactors, ModuleResult
 
 
 
@@ -42,22 +42,6 @@ class MethodParams(BaseModel):
     lambda_: float = Field(1.0, alias="lambda", ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE,
                            description="global scale applied to the merged update")
     module: str = Field("", description="filled by the engine with the module's name (seeds per-module randomness)")
-
-
-@dataclass
-class ModuleResult:
-    """One module's merge result: merged factors (scale 1), statistics, and optional bundle tensors."""
-
-    factors: LoraFactors | None
-    stats: dict[str, float | int] = field(default_factory=dict)  # counts (rank, p) as ints
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def to(self, device=None, dtype=None) -> "ModuleResult":
-        return ModuleResult(
-            self.factors.to(device, dtype) if self.factors is not None else None,
-            dict(self.stats),
-            {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
-        )
 
 
 @dataclass(frozen=True)

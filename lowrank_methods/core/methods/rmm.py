@@ -15,10 +15,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..errors import RecipeError
-from ..factors import LoraFactors
-from ..linalg import svd_of_product
-from ..registry import MethodParams, ModuleResult, method
+from lowrank_methods.core.errors import RecipeError
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.linalg import svd_of_product
+from lowrank_methods.core.method import MethodParams, method
+from lowrank_methods.core.types import ModuleResult
 
 PARTS = ("B", "A")  # bundle tensor suffixes: positions are the m rows of B, then the n columns of A
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..registry import MethodParams, ModuleResult, Rank, method
-from ..rules import RuleParams, over_present_tasks
-from .core_space import merge_in_core_space
+from lowrank_methods.core.method import MethodParams, Rank, method
+
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.rules import RuleParams, over_present_tasks
+from lowrank_methods.core.methods.core_space import merge_in_core_space
 
 
 class IsoCParams(MethodParams):

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .factors import LoraFactors
+from lowrank_methods.core.types import LoraFactors
 
 
 def stack_factors(factors: Sequence[LoraFactors], coeffs: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

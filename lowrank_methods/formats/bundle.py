@@ -24,12 +24,13 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .card import is_local_path
-from .errors import BundleError, one_line, short
-from .factors import LoraFactors, ModuleLayout
-from .methods.rmm import PARTS, task_factors
-from .registry import ModuleResult
-from .writers import AdapterWriter, SafetensorsStream
+from lowrank_methods.publish.card import is_local_path
+from lowrank_methods.core.errors import BundleError, one_line, short
+from lowrank_methods.formats.peft import ModuleLayout
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.methods.rmm import PARTS, task_factors
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.formats.writers_tmp import AdapterWriter, SafetensorsStream
 
 TENSORS_FILE = "bundle.safetensors"
 MANIFEST = "reversible.json"
@@ -51,7 +52,7 @@ class BundleWriter:
         if dtype not in DTYPE_NAMES:
             raise BundleError(f"a reversible bundle is stored as one of {', '.join(DTYPES)}, not {dtype}")
         if stage is None:  # no caller's stage (the engine passes its own): make one, which commit/abort then handle
-            from .writers import StagedDirectory
+            from lowrank_methods.formats.writers_tmp import StagedDirectory
 
             stage = StagedDirectory(out, overwrite)
         self.stage = stage

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import factored_core_space, svd_in_bases, truncate, weighted
-from ..registry import ModuleResult, Rank, method
-from ..rules import RuleParams, apply_rule, over_present_tasks
+from lowrank_methods.core.linalg import factored_core_space, svd_in_bases, truncate, weighted
+from lowrank_methods.core.method import Rank, method
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.rules import RuleParams, apply_rule, over_present_tasks
 
 
 class CoreSpaceParams(RuleParams):

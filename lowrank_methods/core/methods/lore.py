@@ -15,8 +15,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..errors import MergeError
-from ..rules import ties
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.rules import ties
 
 SUMMARY = "LoRE-Merging of full fine-tuned models (base-free low-rank estimation); runs through mergekit"
 DEFAULT_TAU = 0.01  # the μ = 0.01 of a third-party reimplementation, read as the SVT threshold (docs/methods/lore.md)

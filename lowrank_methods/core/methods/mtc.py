@@ -27,12 +27,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from ..errors import MergeError
-from ..linalg import LowRankSVD, svd_of_sum, truncate
-from ..registry import MethodParams, ModuleResult, Rank, method
-from ..rules import (RuleName, RuleParams, dare, elect_and_merge, l1_rescale, magnitude_threshold, mergekit_threshold,
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.linalg import LowRankSVD, svd_of_sum, truncate
+from lowrank_methods.core.method import MethodParams, Rank, method
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.rules import (RuleName, RuleParams, dare, elect_and_merge, l1_rescale, magnitude_threshold, mergekit_threshold,
                      module_generator, over_present_tasks, weighted_disjoint_merge)
-from .core_space import merge_in_core_space
+from lowrank_methods.core.methods.core_space import merge_in_core_space
 
 DENSE_RULES = ("ties", "dare", "dare_ties")  # elementwise: computed on the dense updates, result not low-rank
 BLOCK_ELEMENTS = 1 << 24  # T·rows·n per dense block (64 MiB in float32); fixed, so DARE draws are reproducible

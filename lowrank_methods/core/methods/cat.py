@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from ..linalg import stack_factors
-from ..factors import LoraFactors
-from ..registry import MethodParams, ModuleResult, method
+from lowrank_methods.core.linalg import stack_factors
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.method import MethodParams, method
+from lowrank_methods.core.types import ModuleResult
 
 
 @method("cat", pretty_name="Concatenation (exact)", reference_url="https://arxiv.org/abs/2410.13025")

@@ -26,9 +26,10 @@ from typing import Literal
 import torch
 from pydantic import Field, PositiveInt, model_validator
 
-from .factors import LoraFactors
-from .linalg import numerical_rank, polar
-from .registry import MethodParams, ModuleResult
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.linalg import numerical_rank, polar
+from lowrank_methods.core.method import MethodParams
+from lowrank_methods.core.types import ModuleResult
 
 RuleName = Literal["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts"]
 SignMethod = Literal["total", "frequency"]

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import BaseModelError, ComputeError, OutputError, one_line, short
-from .factors import LoraFactors, ModuleLayout
-from .registry import ModuleResult
+from lowrank_methods.core.errors import BaseModelError, ComputeError, OutputError, one_line, short
+from lowrank_methods.formats.peft import ModuleLayout
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.types import ModuleResult
 
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes: mergekit's --out-shard-size default (5B), transformers' is 5 GB
 SINGLE_FILE = "model.safetensors"
@@ -86,7 +87,7 @@ class BaseCheckpoint:
     """A model directory's safetensors weights, headers only: every tensor's file, dtype, shape and bytes."""
 
     def __init__(self, path: Path, who: str):
-        from .safetensors_io import SafetensorsFile
+        from lowrank_methods.formats.safetensors_io import SafetensorsFile
 
         self.path, self.who = Path(path), who
         self.files = [SafetensorsFile(f) for f in self.weight_files()]
@@ -177,7 +178,7 @@ class FullModelWriter:
 
     def __init__(self, recipe, stage, plan, sources, *, extra_keys: list[str], base: str | None,
                  shard_size: int | str | None = None, copy_tokenizer: bool = True):
-        from .hub import resolve_model
+        from lowrank_methods.publish.hub import resolve_model
 
         self.stage = stage
         _check_recipe_fields(recipe)
@@ -232,7 +233,7 @@ class FullModelWriter:
         self.extras_path = stage.scratch / EXTRAS_FILE
         self.extras = None
         if extra_keys:
-            from .writers import SafetensorsStream
+            from lowrank_methods.formats.writers_tmp import SafetensorsStream
 
             self.extras = SafetensorsStream(self.extras_path, list(extra_keys))
 
@@ -242,7 +243,7 @@ class FullModelWriter:
 
     # -- the protocol ------------------------------------------------------------------------------------
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
-        from .writers import merged_factors
+        from lowrank_methods.formats.writers_tmp import merged_factors
 
         factors = merged_factors(result, module, "a model")
         if factors.rank == 0:  # nothing to add: the base weight is copied unchanged
@@ -263,7 +264,7 @@ class FullModelWriter:
         if self.extras is not None:
             self.extras.close()
             self.extras = None
-            from .safetensors_io import SafetensorsFile
+            from lowrank_methods.formats.safetensors_io import SafetensorsFile
 
             extras = SafetensorsFile(self.extras_path)
         by_target = {self.extra_targets[k]: k for k in self.replaced}
@@ -305,7 +306,7 @@ class FullModelWriter:
         return _Item(t.name, t, dtype, nbytes, how, extra_key)
 
     def _write_shard(self, path: Path, shard: list["_Item"], extras) -> None:
-        from .safetensors_io import BITS
+        from lowrank_methods.formats.safetensors_io import BITS
 
         order = sorted(shard, key=lambda i: -BITS[i.dtype])  # widest first: every tensor starts aligned
         header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -328,7 +329,7 @@ class FullModelWriter:
                     raise RuntimeError(f"{item.name}: wrote {out.tell() - start} bytes, expected {item.nbytes}")
 
     def _tensor(self, item: "_Item", extras) -> torch.Tensor:
-        from .safetensors_io import DTYPES
+        from lowrank_methods.formats.safetensors_io import DTYPES
 
         target = DTYPES[item.dtype]
         if item.how == "extra":
@@ -417,7 +418,7 @@ def _check_fits(layout: ModuleLayout, t: BaseTensor, module: str, who: str) -> N
 
 def _check_recipe_fields(recipe) -> None:
     """The recipe fields mergekit's planner used to honour for output: model and this writer does not."""
-    from .recipe import load_yaml
+    from lowrank_methods.pipeline.recipe import load_yaml
 
     data = load_yaml(recipe.text) if recipe.text else {}
     if not isinstance(data, dict):

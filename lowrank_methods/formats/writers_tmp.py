@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import _TYPES as _ST_DTYPES  # torch dtype <-> safetensors dtype names
 
-from .errors import MergeError
-from .factors import ModuleLayout
-from .registry import ModuleResult
-from .staging import StagedOutput
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.formats.peft import ModuleLayout
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.pipeline.staging import StagedOutput
 
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -149,13 +149,13 @@ def open_writer(recipe, stage: StagedOutput, plan, sources, *, extra_keys: list[
     """The writer for the recipe's output kind, writing into ``stage``. ``base`` (the shared base model) and
     ``options`` (``shard_size``, ``copy_tokenizer``) are for ``output: model``; the other writers ignore them."""
     if recipe.output == "model":
-        from .full_model_writer import FullModelWriter
+        from lowrank_methods.formats.full_model import FullModelWriter
 
         return FullModelWriter(recipe, stage, plan, sources, extra_keys=extra_keys, base=base, **options)
     if recipe.output == "adapter":
         return AdapterWriter(stage.out, plan.modules, extra_keys, dtype=dtype, stage=stage)
     if recipe.output == "bundle":
-        from .bundle import BundleWriter
+        from lowrank_methods.formats.bundle import BundleWriter
 
         return BundleWriter(recipe, stage.out, plan, sources, extra_keys=extra_keys, dtype=dtype, stage=stage)
     raise MergeError(f"output: {recipe.output} is not available for method {recipe.method.name!r}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field, PositiveInt
 
-from ..linalg import factored_core_space, svd_in_bases, truncate, tucker2, weighted
-from ..registry import ModuleResult, method
-from ..rules import RuleParams, apply_rule, over_present_tasks
+from lowrank_methods.core.linalg import factored_core_space, svd_in_bases, truncate, tucker2, weighted
+from lowrank_methods.core.method import method
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.rules import RuleParams, apply_rule, over_present_tasks
 
 
 class CtmParams(RuleParams):

@@ -25,10 +25,11 @@ from typing import Iterable, Literal
 
 import torch
 
-from .adapter_config import UNSUPPORTED_OPTIONS, AdapterConfig, parse_adapter_config, read_adapter_config
-from .adapter_config import check_config as _check_config
-from .errors import AdapterError, CorruptAdapterError, MergeError, UnsupportedAdapterError, short
-from .safetensors_io import DTYPE_NAMES, SafetensorsFile
+from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.formats.peft_config import UNSUPPORTED_OPTIONS, AdapterConfig, parse_adapter_config, read_adapter_config
+from lowrank_methods.formats.peft_config import check_config as _check_config
+from lowrank_methods.core.errors import AdapterError, CorruptAdapterError, MergeError, UnsupportedAdapterError, short
+from lowrank_methods.formats.safetensors_io import DTYPE_NAMES, SafetensorsFile
 
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -39,38 +40,6 @@ FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  #
 
 __all__ = ["AdapterSource", "LoraFactors", "ModuleLayout", "SafetensorsFile", "UNSUPPORTED_OPTIONS", "check_compatible",
            "check_config", "LORA_KEY", "ADAPTER_FILES"]
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One module's update ΔW = B @ A, scale folded into B. Shapes: A (r, n), B (m, r)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-
-    def __post_init__(self):
-        if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
-            raise ValueError(f"LoraFactors needs A (r, n) and B (m, r), got {tuple(self.A.shape)} and {tuple(self.B.shape)}")
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.B.shape[0], self.A.shape[1])
-
-    def dense(self) -> torch.Tensor:
-        return self.B @ self.A
-
-    def to(self, device=None, dtype=None) -> "LoraFactors":
-        return LoraFactors(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype))
-
-    @staticmethod
-    def zeros(shape: tuple[int, int], dtype=torch.float32, device=None) -> "LoraFactors":
-        """The rank-0 update: what an adapter that lacks a module contributes."""
-        m, n = shape
-        return LoraFactors(torch.zeros(0, n, dtype=dtype, device=device), torch.zeros(m, 0, dtype=dtype, device=device))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""The vocabulary every layer shares: one module's LoRA update, a method's result, and its context.
+
+    ΔW = B @ A   (A: r × n, B: m × r, the LoRA scale folded into B; rank 0 = no update)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's update ΔW = B @ A, scale folded into B. Shapes: A (r, n), B (m, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def __post_init__(self):
+        if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
+            raise ValueError(f"LoraFactors needs A (r, n) and B (m, r), got {tuple(self.A.shape)} and {tuple(self.B.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def to(self, device=None, dtype=None) -> "LoraFactors":
+        return LoraFactors(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype))
+
+    @staticmethod
+    def zeros(shape: tuple[int, int], dtype=torch.float32, device=None) -> "LoraFactors":
+        """The rank-0 update: what an adapter that lacks a module contributes."""
+        m, n = shape
+        return LoraFactors(torch.zeros(0, n, dtype=dtype, device=device), torch.zeros(m, 0, dtype=dtype, device=device))
+
+
+@dataclass
+class ModuleResult:
+    """One module's merge result: merged factors (scale 1), statistics, and optional bundle tensors."""
+
+    factors: LoraFactors | None
+    stats: dict[str, float | int] = field(default_factory=dict)  # counts (rank, p) as ints
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device=None, dtype=None) -> "ModuleResult":
+        return ModuleResult(
+            self.factors.to(device, dtype) if self.factors is not None else None,
+            dict(self.stats),
+            {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
+        )
