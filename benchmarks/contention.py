@@ -5,7 +5,7 @@
     python -m benchmarks.contention --code .bench/before --label before --save .bench/contention/before.json
     python -m benchmarks.contention --before .bench/contention/before.json --write-docs     # and show it alongside
 
-The adapters are benchmarks/scale.py's (Llama-7B-shaped, rank 16, bf16, cached in .bench/scale/). Each merge
+The adapters are benchmarks/synthetic.py's (Llama-7B-shaped, rank 16, bf16, cached in .bench/scale/). Each merge
 runs in a fresh subprocess and reports the wall time of ``run_merge`` itself (imports excluded) and its CPU
 time. "Shared" runs the same merge while a neighbour process (started and stopped by this benchmark) runs a
 2-thread 512×512 float32 matmul loop, as another engineer's torch job would; the neighbour's matmuls per second
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.docs import write_section
-from benchmarks.scale import generate, peak_rss_gib
+from benchmarks.scale import peak_rss_gib
+from benchmarks.synthetic import write_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("task_arithmetic:rank=16,cat,mtc:rank=16,ctm:rank=16,core_space,knots,tsv,iso_c,iso_cts,linear_factors")
@@ -88,22 +89,26 @@ class Neighbour:
 def child(args) -> dict:
     if args.code:  # another copy of the package (e.g. the old code), ahead of this checkout
         sys.path.insert(0, str(Path(args.code).resolve()))
+    import tempfile
+
     import yaml
 
-    from lowrank_methods.pipeline.engine import run_merge
-    from lowrank_methods.pipeline.recipe import parse_recipe
+    from lowrank_methods import load_recipe, run_merge  # the public API: the same in an older copy of the package
 
-    recipe = parse_recipe(yaml.safe_dump({"merge_method": args.method, "models": [{"model": d} for d in args.dirs],
-                                          "parameters": json.loads(args.params), "dtype": "float32"}))
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+        yaml.safe_dump({"merge_method": args.method, "models": [{"model": d} for d in args.dirs],
+                        "parameters": json.loads(args.params), "dtype": "float32"}, f)
+    recipe = load_recipe(f.name)
+    os.unlink(f.name)
     extra = {"threads": args.threads} if args.threads is not None else {}  # absent: the engine's default
     cpu0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     report = run_merge(recipe, args.out, device=args.device, quiet=True, write_card=False, overwrite=True, **extra)
     seconds, cpu1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    import lowrank_methods.pipeline.engine
+    import lowrank_methods
 
     whole = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": seconds, "process_cpu_s": whole.ru_utime + whole.ru_stime, "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
-            "rss_gib": peak_rss_gib(), "modules": report.summary()["modules"], "engine": lowrank_methods.engine.__file__}
+            "rss_gib": peak_rss_gib(), "modules": report.summary()["modules"], "package": lowrank_methods.__file__}
 
 
 def busy_cpu_s() -> float:
@@ -225,7 +230,7 @@ def main(argv=None):
 ABOUT = """\
 On a shared machine a merge must not fall over when another process is busy. On the CPU the engine merges
 `--threads` modules at once (default: the cores this process may run on), each with ONE torch intra-op thread
-(lowrank_methods/threads.py): a module's linear algebra is many small ops (QR/SVD of ≤ Σr-wide cores, HOOI
+(lowrank_methods/pipeline/threads.py): a module's linear algebra is many small ops (QR/SVD of ≤ Σr-wide cores, HOOI
 iterations), and with intra-op parallelism each is an OpenMP region whose threads wait for each other, so a
 descheduled thread stalls them all. Results reach the writer in plan order and the output is byte-identical
 for every `--threads`.
@@ -246,7 +251,8 @@ matmuls), and two one-thread workers are the fair share of a 2-core machine."""
 def measure_run(args, argv) -> dict:
     load_before = foreign_load()
     print(f"load before the run: {load_before}", flush=True)
-    dirs = generate(ROOT / ".bench" / "scale" / f"{args.adapters}x{args.layers}" / "adapters", args.adapters, args.layers)
+    dirs = write_adapters(ROOT / ".bench" / "scale" / f"{args.adapters}x{args.layers}" / "adapters", args.adapters,
+                          args.layers)
     work = ROOT / ".bench" / "contention"
     env = dict(kv.split("=", 1) for kv in args.env)
     modes = args.modes.split(",")
@@ -343,7 +349,7 @@ def setting(run: dict) -> str:
 
 
 def render(run: dict, before: dict | None = None, also: list[dict] = ()) -> str:
-    lines = [f"{run['adapters']} adapters × {run['layers']} Llama-7B-shaped layers (benchmarks/scale.py's, rank 16, bf16), "
+    lines = [f"{run['adapters']} adapters × {run['layers']} Llama-7B-shaped layers (benchmarks/synthetic.py's, rank 16, bf16), "
              "merged in float32. Each merge is a fresh process; seconds are `run_merge`'s wall time. *Shared*: beside "
              "a 2-thread torch process running a 512×512 matmul loop. CPU s = user + system seconds of the merge.", ""]
     head = "| method |"

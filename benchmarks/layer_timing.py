@@ -3,7 +3,7 @@
     python -m benchmarks.layer_timing                     # ctm, core_space, knots, mtc; 8 adapters, rank 16, float32
     python -m benchmarks.layer_timing --methods ctm --rule ta --threads 2
 
-Factors share half their subspace across tasks and have decaying spectra (as benchmarks/scale.py generates),
+Factors share half their subspace across tasks and have decaying spectra (benchmarks/synthetic.py, layer 0),
 so the HOOI in ctm converges as it would on real adapters. Reports wall seconds per layer, ×32, CPU seconds (÷ threads ≈ wall on an idle machine) and peak RSS.
 """
 
@@ -15,28 +15,9 @@ import time
 
 import torch
 
-from lowrank_methods.core.types import LoraFactors
+from benchmarks.synthetic import layer_factors
+from lowrank_methods.core.types import MethodContext
 from lowrank_methods.core.method import get_method
-
-SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-          "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
-
-
-def layer_factors(n_adapters: int, rank: int, seed: int = 0) -> dict[str, list[LoraFactors]]:
-    g = torch.Generator().manual_seed(seed)
-    decay = torch.logspace(0, -1.5, rank)
-    out = {}
-    for name, (m, n) in SHAPES.items():
-        shared_A, shared_B = torch.randn(rank // 2, n, generator=g), torch.randn(m, rank // 2, generator=g)
-        adapters = []
-        for _ in range(n_adapters):
-            A = torch.randn(rank, n, generator=g) / n**0.5
-            B = torch.randn(m, rank, generator=g) / m**0.5
-            A[: rank // 2] += 0.5 * shared_A / n**0.5
-            B[:, : rank // 2] += 0.5 * shared_B / m**0.5
-            adapters.append(LoraFactors(A, 2 * B * decay))
-        out[name] = adapters
-    return out
 
 
 def main() -> None:
@@ -55,14 +36,14 @@ def main() -> None:
     for name in args.methods.split(","):
         meth = get_method(name)
         values = {"rank": args.rank}
-        if "rule" in meth.params.model_fields:
+        if "rule" in meth.fields:
             values["rule"] = args.mtc_rule if name == "mtc" else args.rule
         per_module, cpu = {}, 0.0
         for module, factors in layer.items():
-            params = meth.parse_params({**values, "module": f"model.layers.0.{module}"})
+            params, ctx = meth.parse_params(values), MethodContext(module)
             start, cpu_start = time.perf_counter(), time.process_time()
-            meth.fn(factors, weights, params)
-            per_module[module] = time.perf_counter() - start
+            meth(factors, weights, params, ctx)
+            per_module[module.rsplit(".", 1)[-1]] = time.perf_counter() - start
             cpu += time.process_time() - cpu_start
         total = sum(per_module.values())
         detail = " ".join(f"{k}={v:.2f}" for k, v in per_module.items())

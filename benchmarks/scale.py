@@ -4,8 +4,8 @@
     python -m benchmarks.scale --adapters 4 --methods task_arithmetic --peft-layers 1 --write-docs
 
 Each merge runs in a fresh subprocess, which reports its wall time and peak RSS (ru_maxrss). The
-adapters (rank 16, bfloat16, decaying spectra, partly shared subspaces) are generated once into
-.bench/ and reused. PEFT's add_weighted_adapter needs the base model in memory and a dense SVD per
+adapters (benchmarks/synthetic.py: rank 16, bfloat16, decaying spectra, partly shared subspaces) are generated
+once into .bench/ and reused. PEFT's add_weighted_adapter needs the base model in memory and a dense SVD per
 module, so it runs on the first `--peft-layers` decoder layers and its time is extrapolated ×32/layers.
 """
 
@@ -21,43 +21,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.docs import write_section
+from benchmarks.synthetic import RANK, write_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # Llama-7B: (out, in) of each targeted linear layer
-    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
-RANK = 16
-
-
-def generate(root: Path, n_adapters: int, n_layers: int, seed: int = 0) -> list[Path]:
-    """Adapters whose factors share half their subspace across tasks and have decaying spectra."""
-    from safetensors.torch import save_file
-
-    dirs = [root / f"adapter{t}" for t in range(n_adapters)]
-    if all((d / "adapter_model.safetensors").exists() for d in dirs):
-        return dirs
-    g = torch.Generator().manual_seed(seed)
-    shared = {s: (torch.randn(RANK // 2, n, generator=g), torch.randn(m, RANK // 2, generator=g)) for s, (m, n) in SHAPES.items()}
-    decay = torch.logspace(0, -1.5, RANK)
-    for t, d in enumerate(dirs):
-        tensors = {}
-        for layer in range(n_layers):
-            for s, (m, n) in SHAPES.items():
-                A = torch.randn(RANK, n, generator=g) / n**0.5
-                B = torch.randn(m, RANK, generator=g) / m**0.5
-                A[: RANK // 2] += 0.5 * shared[s][0] / n**0.5
-                B[:, : RANK // 2] += 0.5 * shared[s][1] / m**0.5
-                key = f"base_model.model.model.layers.{layer}.{s}"
-                tensors[f"{key}.lora_A.weight"] = A.to(torch.bfloat16)
-                tensors[f"{key}.lora_B.weight"] = (B * decay).to(torch.bfloat16)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (d / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "bench/llama-7b-shaped", "r": RANK,
-            "lora_alpha": 2 * RANK, "target_modules": sorted({s.split(".")[1] for s in SHAPES}), "lora_dropout": 0.0}))
-    return dirs
 
 
 def slice_layers(dirs: list[Path], root: Path, n_layers: int) -> list[Path]:
@@ -175,7 +141,7 @@ def main(argv=None):
 
     work = Path(args.work) / f"{args.adapters}x{args.layers}"
     t0 = time.perf_counter()
-    dirs = generate(work / "adapters", args.adapters, args.layers)
+    dirs = write_adapters(work / "adapters", args.adapters, args.layers)
     size = sum((d / "adapter_model.safetensors").stat().st_size for d in dirs)
     print(f"{args.adapters} adapters × {args.layers} layers, {size / 1e6:.0f} MB of safetensors "
           f"(generated/cached in {time.perf_counter() - t0:.0f} s)", flush=True)

@@ -76,7 +76,7 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--threads", type=int, default=None, metavar="N",
               help="modules merged at once, one CPU thread each [default: the cores this process may use]")
-@click.option("--out-shard-size", metavar="SIZE", default=None,  # output: model (full_model_writer.py)
+@click.option("--out-shard-size", metavar="SIZE", default=None,  # output: model (formats/full_model.py)
               help="output: model: bytes per weights file, e.g. 500M, 5B (mergekit's notation) [default: 5B]")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None,
               help="upload OUT to this Hub repo once the merge succeeded")
@@ -159,9 +159,14 @@ def validate(recipe, allow_pickle):
 def reconstruct(bundle, task, out, overwrite):
     """Write task TASK of the reversible BUNDLE (merge_method: rmm) back as a PEFT adapter in OUT."""
     from lowrank_methods.formats.bundle import ReversibleBundle
+    from lowrank_methods.pipeline.staging import StagedOutput
 
     loaded = ReversibleBundle.load(bundle)
-    loaded.write_adapter(task, out, overwrite=overwrite)
+    adapter = loaded.rebuilt(task)  # every check before OUT (or its staging directory) is made
+    loaded.check_outside(out)
+    with StagedOutput(out, overwrite=overwrite) as stage:
+        adapter.write(stage.path)
+        stage.commit()
     error = loaded.manifest["tasks"][loaded.task_index(task)]["error"]
     click.echo(f"wrote {out}: task {task!r} rebuilt from {bundle} (relative error of ΔW {error:.3e})")
 

@@ -110,7 +110,7 @@ def _read_report(path: Path) -> dict:
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise RecipeError(f"cannot read {path.name} of the merge: {short(str(e), 80)}") from None
+        raise RecipeError(f"cannot read {path.name} of the merge: {short(str(e), 80)}") from e
     if not isinstance(report, dict):
         raise RecipeError(f"{path.name} of the merge is not a JSON object")
     return report

@@ -25,6 +25,7 @@ FILES = [
     ("space/lowrank_space.py", "lowrank_space.py"),
     ("space/requirements.txt", "requirements.txt"),
     ("lowrank_methods/**/*.py", None),
+    ("lowrank_methods/publish/templates/*", None),  # the model card's template
     ("benchmarks/__init__.py", None),
     ("benchmarks/quality/*.py", None),
     ("examples/minilm-wordnet8/README.md", None),

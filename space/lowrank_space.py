@@ -37,7 +37,6 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_ADAPTERS = int(os.environ.get("SPACE_MAX_ADAPTERS", "16"))
 MAX_TOTAL_MB = float(os.environ.get("SPACE_MAX_MB", "1024"))
 LIMITS = f"at most {MAX_ADAPTERS} adapters and {MAX_TOTAL_MB:g} MB of adapter files in total per merge"
-EXCLUDED_FIELDS = {"module"}  # filled by the engine, not by the user
 
 
 class SpaceError(Exception):
@@ -147,23 +146,24 @@ def form_spec(method) -> list[FieldSpec]:
 
         method = get_method(method)
     specs = []
-    for name, info in _own_fields_first(method.params):
+    for name, info in _own_fields_first(method):
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if name in EXCLUDED_FIELDS or name.startswith("_") or info.exclude or extra.get("internal"):
+        if name.startswith("_") or info.exclude or extra.get("internal"):
             continue
         specs.append(_field_spec(info.alias or name, info))
     return specs
 
 
-def _own_fields_first(params) -> list:
-    """The model's fields, those its own class declares first, then its bases' (ctm: rank, beta… before the rule
-    knobs, before ``lambda``), each group in declaration order."""
-    mro = [c for c in params.__mro__ if "__annotations__" in vars(c)]
+def _own_fields_first(method) -> list:
+    """The method's fields, those its own parameter class declares first, then its bases' (ctm: rank, beta… before
+    ``rule`` and the rules' knobs, before ``lambda``), each group in declaration order."""
+    mro = [c for c in method.params.__mro__ if "__annotations__" in vars(c)]
 
     def depth(name: str) -> int:
-        return next((i for i, c in enumerate(mro) if name in vars(c)["__annotations__"]), len(mro))
+        found = next((i for i, c in enumerate(mro) if name in vars(c)["__annotations__"]), None)
+        return found if found is not None else depth("rule") if name != "rule" else len(mro)  # knobs go with `rule`
 
-    items = list(params.model_fields.items())
+    items = list(method.fields.items())
     return sorted(items, key=lambda kv: depth(kv[0]))  # stable: declaration order within a class
 
 
@@ -546,7 +546,7 @@ def predictions(out: Path, text: str) -> tuple[list[str], list[list]]:
 # -- download and push -------------------------------------------------------------------------------------------------
 def zip_output(out: Path) -> Path:
     """The merged folder as ``<workdir>/<name>.zip`` (every file a push would upload; fixed timestamps)."""
-    from lowrank_methods.pipeline.staging import MARKER
+    from lowrank_methods.formats.output_marker import MARKER
 
     out = Path(out)
     target = out.parent / f"{out.name}.zip"

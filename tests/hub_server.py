@@ -7,6 +7,9 @@ file bytes arrive base64 inside the commit and neither LFS nor xet is ever neede
 ``/api/models/{repo}[/revision/{rev}]``, ``/tree/{rev}`` and ``HEAD|GET /{repo}/resolve/{rev}/{path}``.
 Bounded: request bodies up to ``max_body`` bytes, sockets time out, and the server shuts itself down after
 ``lifetime`` seconds even if a test forgets to stop it.
+
+Tests get a running one from the ``fake_hub`` fixture (conftest.py) and its token as ``helpers.TOKEN``; only
+conftest.py and helpers.py import this module.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
-
-import pytest
 
 TOKEN = "hf_fakeHubTestToken0123456789abcdef"
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
@@ -360,12 +361,3 @@ def isolate_hf_home(home, monkeypatch) -> None:
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, str(path))
 
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """A running FakeHub, huggingface_hub's home isolated in tmp_path, HF_ENDPOINT pointing at the fake
-    (lowrank_methods.hub reads HF_ENDPOINT at call time; huggingface_hub itself only at import)."""
-    isolate_hf_home(tmp_path / "hf_home", monkeypatch)
-    with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        yield hub

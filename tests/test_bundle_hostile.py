@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import dense_delta, merged_delta, write_adapter, write_recipe
+from helpers import dense_delta, merged_delta, write_adapter, write_recipe
 from lowrank_methods.formats.bundle import ReversibleBundle, summary_table
 from lowrank_methods.cli import main
 from lowrank_methods.pipeline.engine import run_merge

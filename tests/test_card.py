@@ -3,15 +3,17 @@
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from conftest import BASE, write_adapter, write_recipe
-from lowrank_methods.publish.card import PAPERS, PLOT, by_layer, card_data, public_report, render_card
+from helpers import BASE, write_adapter, write_recipe
+from lowrank_methods.publish.card import PLOT, TEMPLATE, by_layer, card_data, public_report, render_card
 from lowrank_methods.pipeline.engine import run_merge
 from lowrank_methods.pipeline.recipe import load_recipe
-from lowrank_methods.core.method import list_methods
+from lowrank_methods.core.method import get_method, list_methods
+from lowrank_methods.core.methods.lore import PAPER as LORE_PAPER
 
 SHAPES = {f"model.layers.{i}.self_attn.{p}": (12, 8) for i in range(3) for p in ("q_proj", "v_proj")}
 FAKE_TOKEN = "hf_SecretSecretSecret1234567890"
@@ -48,7 +50,7 @@ def test_card_body_tells_the_whole_merge(merge):
     text = (out / "README.md").read_text()
     assert "| 1 | `math-lora` |  | 4 | 2 | 0.75 | 6 |" in text  # name, rank, scale alpha/r, weight, modules
     assert "| 2 | `code-lora` |  | 2 | 1.41421 (rsLoRA) | 0.25 | 6 |" in text  # alpha/sqrt(r)
-    paper = PAPERS["mtc"]
+    paper = get_method("mtc").paper
     assert f"[{paper.title}]({paper.url})" in text and "```bibtex\n@misc{" in text and paper.title in text
     assert "| `rank` | `3` |" in text and "| `lambda` | `0.9` |" in text
     assert 'PeftModel.from_pretrained(base, "path/to/this/folder")' in text
@@ -116,7 +118,7 @@ def test_full_model_output_is_a_merge_for_transformers():
 
 def test_bundle_output_says_it_is_reversible():
     card = ModelCard(render_card(synthetic(method="rmm", output="bundle"), repo_id="org/bundle"))
-    assert "reversible bundle (RMM)" in card.text and PAPERS["rmm"].title in card.text
+    assert "reversible bundle (RMM)" in card.text and get_method("rmm").paper.title in card.text
     assert "hf download org/bundle --local-dir bundle\nmergekit-lowrank reconstruct bundle a a-adapter\n" in card.text
     assert 'PeftModel.from_pretrained(base, "a-adapter")' in card.text
     meta = card.data.to_dict()
@@ -134,16 +136,30 @@ def test_local_base_is_not_hub_metadata():
     assert "base_model" not in meta and "base_model_relation" not in meta
 
 
-def test_every_method_has_a_paper_entry_and_a_valid_card():
-    assert {"cat", "mtc", "task_arithmetic", "linear", "ctm", "core_space", "knots", "tsv", "iso_c", "iso_cts", "rmm",
-            "lore", "linear_factors"} <= set(PAPERS)
+def test_every_method_cites_its_paper_or_links_its_definition():
     for m in list_methods():
+        assert m.paper or m.link, m.name
         card = ModelCard(render_card(synthetic(method=m.name, pretty_name=m.pretty_name, reference_url=m.reference_url,
                                                output=m.output)))
-        assert m.name in card.data.to_dict()["tags"]
-        paper = PAPERS.get(m.name)
-        if paper:
-            assert paper.url in card.text and paper.bibtex() in card.text
+        assert m.name in card.data.to_dict()["tags"] and m.reference_url in card.text
+        if m.paper:
+            assert m.paper.bibtex() in card.text
+        else:
+            assert f"as in [{m.link.text}]({m.link.url})." in card.text and "## Citation" not in card.text
+
+
+def test_lore_runs_outside_the_registry_but_its_card_cites_its_paper():
+    text = render_card(synthetic(method="lore", pretty_name="LoRE-Merging", output="model"))
+    assert f"from [{LORE_PAPER.title}]({LORE_PAPER.url})." in text and LORE_PAPER.bibtex() in text
+
+
+def test_the_space_is_staged_with_the_template(tmp_path, monkeypatch):
+    """The Space imports the package from its staged copy, so the card's template must be staged with it."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "space"))
+    import deploy
+
+    assert TEMPLATE.relative_to(root).as_posix() in deploy.stage(tmp_path / "space")
 
 
 def test_scrub_text_removes_home_as_a_path_only(monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import dense_delta, merged_delta, write_adapter, write_recipe
+from helpers import dense_delta, merged_delta, write_adapter, write_recipe
 from lowrank_methods.pipeline.engine import run_merge
 from lowrank_methods.pipeline.recipe import load_recipe
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import write_adapter
+from helpers import write_adapter
 from lowrank_methods.formats.peft_config import MAX_PATTERN_ENTRIES, PatternTable, compile_pattern_key
 from lowrank_methods.core.errors import (MAX_MESSAGE, AdapterError, CorruptAdapterError, MergeError,
                                     UnsupportedAdapterError)
@@ -507,7 +507,7 @@ def test_pattern_at_the_entry_limit_is_read(tmp_path):
 # -- pattern matching parity with PEFT ----------------------------------------------------------------------
 def _exact_pattern(module: str) -> str:
     try:
-        from lowrank_methods.formats.writers_tmp import _exact_pattern as exact
+        from lowrank_methods.formats.peft_config import exact_pattern as exact
     except (ImportError, AttributeError):  # the writer's form, should it move
         return re.escape(module) if not re.fullmatch(r"[\w.]+", module) else module.replace(".", r"\.")
     return exact(module)

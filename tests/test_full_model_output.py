@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import merged_delta, tiny_llama, write_adapter, write_recipe
+from helpers import dense_delta, merged_delta, model_weights, tiny_llama, write_adapter, write_recipe
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minilm-wordnet8" / "adapters"
 LINEAR = {"self_attn.q_proj": (16, 16), "self_attn.v_proj": (16, 16), "self_attn.o_proj": (16, 16),
@@ -78,17 +78,10 @@ def refused(*args) -> str:
     return lines[0]
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out |= load_file(str(f))
-    return out
-
-
 def check_w0_plus_delta(out: Path, base: Path, adapter: Path, *, saved: dict[str, torch.Tensor] | None = None):
     """Every merged tensor = W0 + ΔW* (float64 reference from the adapter output's files, ≤ 1e-6 relative);
     modules_to_save tensors = the adapter's; every other tensor bit-identical to the base."""
-    got, w0 = weights(out), weights(base)
+    got, w0 = model_weights(out), model_weights(base)
     assert got.keys() == w0.keys()
     merged = 0
     for name, w in w0.items():
@@ -146,18 +139,18 @@ def test_sharded_output_loads_in_transformers(tiny, tmp_path):
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert set(index["weight_map"].values()) == set(shards)
-    one = weights(tmp_path / "one")
+    one = model_weights(tmp_path / "one")
     assert index["weight_map"].keys() == one.keys()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in one.items())
-    assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), (one[k] for k in weights(out))))
+    assert all(torch.equal(a, b) for a, b in zip(model_weights(out).values(), (one[k] for k in model_weights(out))))
 
 
 def test_output_dtype_casts_every_float_tensor_and_the_config(tiny, tmp_path):
     cli(recipe(tiny, tmp_path / "a.yml", dtype="float32"), tmp_path / "adapter")
     cli(recipe(tiny, tmp_path / "m.yml", output="model", dtype="bfloat16"), tmp_path / "model")
-    got, w0 = weights(tmp_path / "model"), weights(tiny / "base")
+    got, w0 = model_weights(tmp_path / "model"), model_weights(tiny / "base")
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
     name = "model.layers.1.self_attn.q_proj"
@@ -240,7 +233,7 @@ def test_bundled_minilm_example_as_a_full_model(patched, tmp_path):
         assert (out / name).read_bytes() == (base / name).read_bytes()
     model = AutoModel.from_pretrained(out, dtype=torch.float32)
     assert type(model).__name__ == "BertModel"
-    state, got = model.state_dict(), weights(out)
+    state, got = model.state_dict(), model_weights(out)
     assert all(torch.equal(state[k], got[k]) for k in state if k in got)
 
     run = CliRunner().invoke(mergekit_yaml, [str(m), str(tmp_path / "mk"), "--quiet", "--no-write-model-card"])
@@ -315,7 +308,6 @@ def test_fan_in_fan_out_weights_under_a_prefix_the_checkpoint_lacks(tmp_path):
     a = write_adapter(tmp_path / "a", mods, r=4, alpha=8, seed=1, fan_in_fan_out=True, base=str(base))
     cli(write_recipe(tmp_path / "m.yml", "cat", [(a, 0.5)], {"output": "model"}), tmp_path / "model")
     got = load_file(str(tmp_path / "model" / "model.safetensors"))
-    from conftest import dense_delta
 
     for i in range(2):
         key = f"h.{i}.attn.c_attn.weight"

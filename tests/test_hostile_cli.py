@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from conftest import listing, raw_safetensors, write_adapter
+from helpers import listing, raw_safetensors, write_adapter
 from lowrank_methods.cli import main as ours
 
 Q = "model.layers.0.self_attn.q_proj"

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from conftest import folder_bytes, dense_delta, merged_delta, write_adapter, write_recipe
-from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
+from helpers import TOKEN, dense_delta, folder_bytes, merged_delta, write_adapter, write_recipe
 from lowrank_methods.pipeline.engine import run_merge
 from lowrank_methods.core.errors import MergeError
 from lowrank_methods.publish.hub import push, resolve_adapter

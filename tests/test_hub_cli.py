@@ -11,8 +11,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from conftest import folder_bytes, write_adapter
-from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
+from helpers import TOKEN, folder_bytes, write_adapter
 from lowrank_methods.cli import main
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 8), "model.layers.1.mlp.down_proj": (8, 12)}

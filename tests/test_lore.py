@@ -1,9 +1,10 @@
-"""LoRE-Merging math (lowrank_methods/methods/lore.py) against independent float64 references."""
+"""LoRE-Merging math (lowrank_methods/core/methods/lore.py) against independent float64 references."""
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import lore_reference, lore_ties_reference
 from lowrank_methods.core.errors import MergeError
 from lowrank_methods.core.methods.lore import energy_threshold, lore_decompose, lore_merge, svt
 
@@ -16,28 +17,6 @@ def _models(n=3, m=24, k=18, rank=2, noise=0.05, seed=0):
     base = torch.randn(m, k, generator=g, dtype=F64)
     return [base + torch.randn(m, rank, generator=g, dtype=F64) @ torch.randn(rank, k, generator=g, dtype=F64)
             + noise * torch.randn(m, k, generator=g, dtype=F64) for _ in range(n)]
-
-
-def _dense_objective(thetas, base, deltas, tau, p):
-    """Σ p_i (½‖θ0 + δ_i − θ_i‖² + τ‖δ_i‖_*), nuclear norm from numpy's singular values."""
-    return sum(pi * (0.5 * np.sum((base + d - t) ** 2) + tau * np.linalg.svd(d, compute_uv=False).sum())
-               for pi, t, d in zip(p, thetas, deltas))
-
-
-def _reference_lore(thetas, tau, iterations, p=None):
-    """Independent numpy implementation of the iterations: θ0 ← Σ p(θ−δ); δ ← U max(σ−τ,0) Vᵀ."""
-    thetas = [t.numpy() for t in thetas]
-    p = np.full(len(thetas), 1 / len(thetas)) if p is None else np.asarray(p) / np.sum(p)
-    deltas = [np.zeros_like(t) for t in thetas]
-    objective = [_dense_objective(thetas, sum(pi * t for pi, t in zip(p, thetas)), deltas, tau, p)]
-    for _ in range(iterations):
-        base = sum(pi * (t - d) for pi, t, d in zip(p, thetas, deltas))
-        deltas = []
-        for t in thetas:
-            U, S, Vt = np.linalg.svd(t - base, full_matrices=False)
-            deltas.append(U @ np.diag(np.maximum(S - tau, 0)) @ Vt)
-        objective.append(_dense_objective(thetas, base, deltas, tau, p))
-    return base, deltas, objective
 
 
 def test_svt_matches_definition_and_rank():
@@ -92,7 +71,7 @@ def test_iterations_match_dense_reference_and_objective_never_increases(weights)
     thetas = _models(noise=0.2)
     tau = 1.5
     dec = lore_decompose(thetas, tau=tau, iterations=12, tol=0, weights=weights)
-    base, deltas, objective = _reference_lore(thetas, tau, 12, weights)
+    base, deltas, objective = lore_reference(thetas, tau, 12, weights)
     np.testing.assert_allclose(dec.base.numpy(), base, atol=1e-10)
     for d, ref in zip(dec.deltas, deltas):
         np.testing.assert_allclose(d.dense().numpy(), ref, atol=1e-10)
@@ -108,7 +87,7 @@ def test_objective_monotone_on_random_inputs_and_rank_counts_sigma_above_tau(see
     thetas = [torch.randn(m, k, generator=g, dtype=F64) * (1 + i) for i in range(n)]
     tau = float(torch.rand(1, generator=g, dtype=F64)) * 3
     dec = lore_decompose(thetas, tau=tau, iterations=15, tol=0)
-    _, _, objective = _reference_lore(thetas, tau, 15)
+    _, _, objective = lore_reference(thetas, tau, 15)
     assert all(b <= a * (1 + 1e-12) for a, b in zip(objective, objective[1:]))
     np.testing.assert_allclose(dec.objective, objective, rtol=1e-10)
     # δ_i is the last SVT of θ_i − θ0 taken with the θ0 of the last iteration: θ0 = Σ p(θ − δ_prev)
@@ -155,28 +134,12 @@ def test_average_rule_at_convergence_is_mean_and_lambda_scales_deltas():
     torch.testing.assert_close(converged, sum(thetas) / 3, rtol=0, atol=1e-6)
 
 
-def _reference_ties(stack, density):
-    """Entry-by-entry TIES on an already weighted stack: trim each task to its top-k |.|, elect the sign of the
-    sum (0 → +), average the nonzero entries that agree with it."""
-    flat = [d.flatten().numpy().copy() for d in stack]
-    k = int(flat[0].size * density)
-    for f in flat:
-        f[np.argsort(-np.abs(f), kind="stable")[k:]] = 0.0
-    total = sum(flat)
-    out = np.zeros_like(flat[0])
-    for j in range(out.size):
-        s = 1.0 if total[j] >= 0 else -1.0
-        agree = [f[j] for f in flat if f[j] != 0 and np.sign(f[j]) == s]
-        out[j] = sum(agree) / len(agree) if agree else 0.0
-    return out.reshape(stack[0].shape)
-
-
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [1.0, 2.0, 0.5]])
 def test_ties_rule_in_merge(weights):
     thetas = _models(noise=0.2)
     dec = lore_decompose(thetas, tau=1.0, iterations=4, tol=0, weights=weights)
     stack = [w * d.dense() for w, d in zip(weights, dec.deltas)]
-    want = dec.base.numpy() + 0.7 * _reference_ties(stack, 0.5)
+    want = dec.base.numpy() + 0.7 * lore_ties_reference(stack, 0.5)
     got = lore_merge(thetas, weights, tau=1.0, iterations=4, tol=0, rule="ties", density=0.5, lambda_=0.7)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
 

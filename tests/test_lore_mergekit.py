@@ -1,5 +1,5 @@
 """LoRE through the stock mergekit-yaml (0.1.5): tiny full Llama models and base+LoRA refs, checked against an
-independent float64 numpy implementation of the iterations (test_lore._reference_lore)."""
+independent float64 numpy implementation of the iterations (helpers.lore_reference)."""
 
 import json
 import os
@@ -12,24 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_lore import _reference_lore, _reference_ties
+from helpers import lore_reference, lore_ties_reference, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
+LLAMA = {"hidden": 64, "heads": 4, "vocab": 128}  # the tiny base model's sizes
 # registers "lore" unless the plugin already did (its import hook may be installed), then runs mergekit-yaml
 LAUNCHER = ("from mergekit.merge_methods import register, registered_methods; "
-            "from lowrank_methods.core.methods.lore import mergekit_method; "
+            "from lowrank_methods.mergekit_plugin.lore import mergekit_method; "
             "m = mergekit_method(); "
             "m.spec.name in {x.spec.name for x in registered_methods()} or register(m); "
             "from mergekit.scripts.run_yaml import main; main()")
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=128, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +50,7 @@ def _load_merged(out: Path) -> dict[str, torch.Tensor]:
 def full_models(tmp_path_factory):
     """A base and three 'full fine-tunes': base + a rank-2 task part + small noise on every tensor."""
     root = tmp_path_factory.mktemp("lore_full")
-    model = _tiny_llama()
+    model = tiny_llama(**LLAMA)
     model.save_pretrained(root / "base")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
@@ -93,7 +85,7 @@ def test_mergekit_yaml_runs_lore_on_full_models(full_models, tmp_path):
         if thetas[0].ndim == 1:  # norms: weighted average
             want = sum(pi * t.numpy() for pi, t in zip(p, thetas))
         else:  # the configured base_model is not an input: LoRE estimates θ0 from the three models
-            base, deltas, _ = _reference_lore(thetas, tau, iterations, weights)
+            base, deltas, _ = lore_reference(thetas, tau, iterations, weights)
             want = base + lam * sum(pi * d for pi, d in zip(p, deltas))
             ranks.append([np.linalg.matrix_rank(d, tol=1e-9) for d in deltas])
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-9, err_msg=name)
@@ -106,11 +98,11 @@ def lora_models(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("lore_lora")
-    _tiny_llama().save_pretrained(root / "base")
+    tiny_llama(**LLAMA).save_pretrained(root / "base")
     for i in range(2):
         torch.manual_seed(10 + i)
-        peft_model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                             init_lora_weights=False))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(tiny_llama(**LLAMA), config)
         peft_model.save_pretrained(root / f"lora{i}")
     return root
 
@@ -141,8 +133,8 @@ def test_mergekit_yaml_runs_lore_on_base_plus_lora_refs(lora_models, tmp_path):
         if name not in adapted:  # every input equals the base: δ = 0, θ0 = W0
             torch.testing.assert_close(got, base[name], rtol=0, atol=1e-7, msg=name)
             continue
-        b, deltas, _ = _reference_lore(thetas_by_name[name], tau, iterations)
-        want = b + _reference_ties([torch.from_numpy(d) for d in deltas], density)
+        b, deltas, _ = lore_reference(thetas_by_name[name], tau, iterations)
+        want = b + lore_ties_reference([torch.from_numpy(d) for d in deltas], density)
         # the merge cache holds θ_i in float32 (PEFT merge_and_unload), so agreement is to float32 rounding
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-6, err_msg=name)
         assert not np.allclose(want, base[name].numpy(), atol=1e-4)

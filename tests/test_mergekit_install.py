@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import merged_delta, write_adapter, write_recipe
+from helpers import merged_delta, model_weights, tiny_llama, write_adapter, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MERGEKIT_YAML = Path(sysconfig.get_path("scripts")) / "mergekit-yaml"
@@ -36,13 +36,8 @@ pytest.importorskip("hatchling", reason="building the package needs hatchling (p
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama base (hidden 64, 2 layers) and two PEFT adapters on it (ranks 4 and 2, different modules)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=128, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tiny_llama(hidden=64, heads=4, vocab=128).save_pretrained(root / "base")
 
     def shape(m):
         return SHAPES[m.rsplit(".", 1)[-1]]
@@ -121,13 +116,6 @@ def our_cli(recipe: Path, out: Path) -> Path:
     return out
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out |= load_file(str(f))
-    return out
-
-
 # -- the normal install (default run) -------------------------------------------------------------------------
 def test_startup_imports_neither_torch_nor_mergekit(venv):
     assert all((_site_packages(venv) / f).is_file() for f in HOOK_FILES)
@@ -150,7 +138,7 @@ def test_mergekit_yaml_ctm_adapter_equals_our_cli_and_loads_in_peft(venv, tiny, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = weights(tiny / "base")
+    base = model_weights(tiny / "base")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "base"), out).merge_and_unload()
     merged = model.state_dict()
     for module in MODULES:
@@ -176,7 +164,7 @@ def test_mergekit_yaml_ctm_full_model_without_materialising_anything(venv, tiny,
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).state_dict()
-    base = weights(tiny / "base")
+    base = model_weights(tiny / "base")
     for name, w0 in base.items():
         module = name.removesuffix(".weight")
         delta = merged_delta(adapter, module) if module in MODULES else 0
@@ -194,7 +182,7 @@ def test_stock_task_arithmetic_over_base_plus_lora_equals_our_task_arithmetic(ve
                           dtype="float32")
     mergekit_yaml(venv, recipe, tmp_path / "model", tmpdir=tmp_path)
     adapter = our_cli(recipe, tmp_path / "adapter")
-    got, w0 = weights(tmp_path / "model"), weights(base)
+    got, w0 = model_weights(tmp_path / "model"), model_weights(base)
     for name in w0:
         module = name.removesuffix(".weight")
         delta = merged_delta(adapter, module) if module in MODULES else 0
@@ -214,7 +202,7 @@ def test_stock_ties_equals_cache_route_and_uninstall_leaves_mergekit_working(ven
     assert not any((site_packages / f).exists() for f in HOOK_FILES)
     assert "Need to specify cache dir" in mergekit_yaml(venv, recipe, tmp_path / "x", tmpdir=tmp_path, check=False).stderr
     mergekit_yaml(venv, recipe, tmp_path / "cached", "--lora-merge-cache", tmp_path / "cache", tmpdir=tmp_path)
-    direct, cached = weights(tmp_path / "direct"), weights(tmp_path / "cached")
+    direct, cached = model_weights(tmp_path / "direct"), model_weights(tmp_path / "cached")
     assert direct.keys() == cached.keys()
     assert all(torch.equal(direct[k], cached[k]) for k in direct)  # bit for bit
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import merged_delta, tiny_llama, write_adapter, write_recipe
+from helpers import dense_delta, merged_delta, model_weights, tiny_llama, write_adapter, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
@@ -69,13 +68,6 @@ def recipe(tiny: Path, path: Path, method: str, *, lora: bool, **extra) -> Path:
     return write_recipe(path, method, models, params or None, **top)
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out |= load_file(str(f))
-    return out
-
-
 def mergekit_yaml(recipe_path: Path, out: Path, *options: str):
     from click.testing import CliRunner
     from mergekit.scripts.run_yaml import main
@@ -103,7 +95,7 @@ def stock(merge, recipe_path: Path, out: Path, cache: Path) -> dict[str, torch.T
     from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
 
-    from lowrank_methods.mergekit_plugin.patches import original
+    from lowrank_methods.mergekit_plugin.swap import original
 
     text = recipe_path.read_text()
     config = MergeConfiguration.model_validate(yaml.safe_load(text))
@@ -114,7 +106,7 @@ def stock(merge, recipe_path: Path, out: Path, cache: Path) -> dict[str, torch.T
         original(merge, "run_merge")(config, str(out), MergeOptions(lora_merge_cache=str(cache), quiet=True),
                                      config_source=text)
     assert cache.is_dir() and any(cache.iterdir())  # the adapters really went through PEFT's merge_and_unload
-    return weights(out)
+    return model_weights(out)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, name: str, rtol: float = 1e-5):
@@ -142,7 +134,7 @@ def test_bare_adapters_run_on_our_engine_and_equal_stock_mergekit(patched, one_w
 
     want = stock(patched, recipe(tiny, tmp_path / "lora.yml", method, lora=True), tmp_path / "stock",
                  tmp_path / "cache")
-    w0 = weights(tiny / "base")
+    w0 = model_weights(tiny / "base")
     assert want.keys() == w0.keys()
     for name, w in w0.items():  # (1) W0 + our ΔW* = stock mergekit's merged model, every tensor
         module = name.removesuffix(".weight")
@@ -155,7 +147,7 @@ def test_bare_adapters_run_on_our_engine_and_equal_stock_mergekit(patched, one_w
 def test_ties_full_model_output_equals_stock_mergekit(patched, tiny, tmp_path):
     """`output: model`: mergekit-yaml writes W0 + ΔW* itself, equal to stock mergekit's ties over base+lora."""
     mergekit_yaml(recipe(tiny, tmp_path / "bare.yml", "ties", lora=False, output="model"), tmp_path / "model")
-    got = weights(tmp_path / "model")
+    got = model_weights(tmp_path / "model")
     want = stock(patched, recipe(tiny, tmp_path / "lora.yml", "ties", lora=True), tmp_path / "stock",
                  tmp_path / "cache")
     assert got.keys() == want.keys()
@@ -168,8 +160,6 @@ def test_weighted_ties_differs_from_the_count_mean(patched, tiny, tmp_path):
     from lowrank_methods.core.rules import ties
 
     our_cli(recipe(tiny, tmp_path / "bare.yml", "ties", lora=False), tmp_path / "out")
-    from conftest import dense_delta
-
     module = MODULES[0]
     D = torch.stack([dense_delta(tiny / n, module) for n in "abc"])
     w = torch.tensor(WEIGHTS, dtype=D.dtype)[:, None, None]
@@ -196,7 +186,7 @@ def test_ties_alias_is_mergekits_ties_kernel(patched, density, normalize, rescal
     want = merge_tensors([base] + [base + f.B @ f.A for f in factors], "ties", base_index=0,
                          parameters={"weight": w, **knobs}) - base
     method = get_method("ties")
-    got = method.fn(factors, w, method.parse_params({"rank": 1.0, **knobs})).factors
+    got = method(factors, w, method.parse_params({"rank": 1.0, **knobs})).factors
     assert float((got.B @ got.A - want).abs().max()) <= 1e-12 * max(1.0, float(want.abs().max()))
 
 
@@ -295,12 +285,12 @@ def test_full_model_recipes_stay_mergekit(patched, tiny, tmp_path, method):
     from mergekit.options import MergeOptions
     from safetensors.torch import save_file
 
-    from lowrank_methods.mergekit_plugin.patches import original
+    from lowrank_methods.mergekit_plugin.swap import original
     from lowrank_methods.mergekit_plugin.route import check
 
     import shutil
 
-    w0 = weights(tiny / "base")
+    w0 = model_weights(tiny / "base")
     models = []
     for i, scale in enumerate((0.01, -0.02)):
         d = tmp_path / f"ft{i}"
@@ -319,6 +309,6 @@ def test_full_model_recipes_stay_mergekit(patched, tiny, tmp_path, method):
     mergekit_yaml(tmp_path / "r.yml", tmp_path / "plugin")
     original(patched, "run_merge")(_config(text), str(tmp_path / "stock"),
                                    MergeOptions(quiet=True, write_model_card=False), config_source=text)
-    got, want = weights(tmp_path / "plugin"), weights(tmp_path / "stock")
+    got, want = model_weights(tmp_path / "plugin"), model_weights(tmp_path / "stock")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert sorted(p.name for p in (tmp_path / "plugin").iterdir()) == sorted(p.name for p in (tmp_path / "stock").iterdir())

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import dense_delta, write_adapter, write_recipe
+from helpers import dense_delta, merged_delta, write_adapter, write_recipe
 
 
 class DictLoader:
@@ -244,8 +244,6 @@ def test_cuda_device_merges_on_gpu(patched, tmp):
         report = patched.run_merge(_config(text), str(tmp / out), MergeOptions(device=device, quiet=True),
                                    config_source=text)
         assert report.device.startswith(device)
-    from conftest import merged_delta
-
     name = "model.layers.0.mlp.up_proj"
     gpu, cpu = merged_delta(tmp / "gpu", name), merged_delta(tmp / "cpu", name)
     assert torch.allclose(gpu, cpu, atol=1e-5 * math.sqrt(cpu.numel()) * cpu.abs().max().item(), rtol=0)

@@ -1,42 +1,14 @@
-"""core_space, tsv, iso_c, iso_cts against dense references written here from the papers' equations (float64)."""
+"""core_space, tsv, iso_c, iso_cts against dense references written from the papers' equations (float64)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowrank_methods.core.types import LoraFactors
-from lowrank_methods.core.method import get_method
-from test_rules import iso_cts_reference, polar_ref, rank_of, tsv_reference
+from helpers import (M, N, WEIGHTS, iso_cts_reference, polar_ref, random_factors, rank_of, run, ties_reference,
+                     tsv_reference)
 
 D = torch.float64
-M, N = 14, 11
-
-
-def random_factors(ranks, seed=0, m=M, n=N):
-    g = torch.Generator().manual_seed(seed)
-    return [LoraFactors(torch.randn(r, n, generator=g, dtype=D), torch.randn(m, r, generator=g, dtype=D)) for r in ranks]
-
-
-def run(name, factors, weights=None, **params):
-    meth = get_method(name)
-    weights = weights if weights is not None else [1.0] * len(factors)
-    return meth.fn(factors, weights, meth.parse_params({"module": "layers.0.q_proj", **params}))
-
-
-def ties_reference(X, density):
-    """TIES from the paper: per task keep the top-k magnitudes, γ = sign(Σ), mean of agreeing nonzeros."""
-    trimmed = []
-    for x in X:
-        k = max(1, int(density * x.numel()))
-        idx = x.abs().flatten().topk(k).indices
-        mask = torch.zeros(x.numel(), dtype=torch.bool)
-        mask[idx] = True
-        trimmed.append(x * mask.reshape(x.shape))
-    Y = torch.stack(trimmed)
-    gamma = torch.where(Y.sum(0) >= 0, 1.0, -1.0).to(D)
-    agree = (Y.sign() == gamma) & (Y != 0)
-    return (Y * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def dense_core_reference(factors, weights, rule):
@@ -52,7 +24,6 @@ def dense_core_reference(factors, weights, rule):
 
 
 MIXED = (3, 0, 2, 4)
-WEIGHTS = [1.0, 0.7, -0.5, 2.0]
 
 
 @pytest.mark.parametrize("ranks", [MIXED, (2, 2, 2), (6, 5, 4)])  # (6, 5, 4): R = 15 > min(m, n)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from lowrank_methods.core.types import LoraFactors
-from test_methods_core_space import WEIGHTS, random_factors, run, ties_reference
-from test_rules import rank_of
+from helpers import WEIGHTS, random_factors, rank_of, run, ties_reference
 
 D = torch.float64
 

@@ -7,7 +7,7 @@ import torch
 
 from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.methods.knots import aligned_components
-from test_methods_core_space import WEIGHTS, random_factors, run, ties_reference
+from helpers import WEIGHTS, random_factors, run, ties_reference
 
 D = torch.float64
 

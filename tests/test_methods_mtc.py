@@ -8,9 +8,9 @@ import torch
 from lowrank_methods.core.errors import MergeError
 from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.methods import mtc as mtc_module
-from lowrank_methods.core.rules import RuleParams, dare, module_generator
-from test_methods_core_space import WEIGHTS, random_factors, run, ties_reference
-from test_rules import rank_of
+from lowrank_methods.core.rules import dare
+from lowrank_methods.core.types import MethodContext
+from helpers import WEIGHTS, random_factors, rank_of, run, ties_reference, tiny_llama
 
 D = torch.float64
 
@@ -60,11 +60,11 @@ def test_mtc_dare_ties_trims_after_dropping(monkeypatch):
     a = run("mtc", fs, rule="dare_ties", drop_rate=0.4, density=0.5, seed=1, rank=11).factors.dense()
     assert rank_of(a) == min(a.shape)  # a dense TIES merge is full rank: rank = min(m, n) keeps all of it
     # the dropped tasks, drawn here block by block from the same per-task generators
-    p = RuleParams(rule="dare_ties", drop_rate=0.4, seed=1, module="layers.0.q_proj")
+    ctx = MethodContext("layers.0.q_proj")
     rows = max(1, mtc_module.BLOCK_ELEMENTS // (3 * 11))
     tasks = []
     for t, f in enumerate(fs):
-        g = module_generator(p, "cpu", f"#{t}")
+        g = ctx.generator(1, "cpu", f"#{t}")
         tasks.append(torch.cat([dare(f.B[s:s + rows] @ f.A, 0.4, g) for s in range(0, f.shape[0], rows)]))
     torch.testing.assert_close(a, ties_reference(torch.stack(tasks), 0.5), rtol=0, atol=1e-10)
 
@@ -91,12 +91,8 @@ def test_linear_factors_is_peft_linear_on_the_factors():
 def test_linear_factors_equals_peft_add_weighted_adapter_linear_when_scale_is_one():
     """PEFT puts √(w·s) on both factors; with lora_alpha = r (s = 1) that is exactly this method."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=32)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]), "a")
+    model = get_peft_model(tiny_llama(layers=1), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]), "a")
     model.add_adapter("b", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     for name in ("a", "b"):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import listing, write_adapter, write_recipe
+from helpers import listing, write_adapter, write_recipe
 from lowrank_methods.cli import main as ours
-from lowrank_methods.pipeline.staging import MARKER
+from lowrank_methods.formats.output_marker import MARKER
 
 Q = "model.layers.0.self_attn.q_proj"
 

@@ -6,17 +6,15 @@ The merged adapter must give the logits of the base model carrying the dense wei
 import pytest
 import torch
 
-from conftest import write_recipe
+from helpers import logits, tiny_llama, write_recipe
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def tiny_llama():
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+def llama():
+    """The tiny Llama all adapters here are made on (hidden 64, vocab 128), seeded, in eval mode."""
+    return tiny_llama(hidden=64, heads=4, vocab=128, max_position_embeddings=64).eval()
 
 
 ADAPTERS = {  # name: LoraConfig kwargs: mixed ranks, rsLoRA, patterns, an embedding and disjoint targets
@@ -31,21 +29,16 @@ WEIGHTS = {"plain": 0.7, "rslora": 1.3, "pattern": -0.4}
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
-    base = tiny_llama()
+    base = llama()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     deltas = {}
     for i, (name, kwargs) in enumerate(ADAPTERS.items()):
         torch.manual_seed(10 + i)
-        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=False, **kwargs))
+        model = peft.get_peft_model(llama(), peft.LoraConfig(init_lora_weights=False, **kwargs))
         model.save_pretrained(root / name)
         merged = model.merge_and_unload().state_dict()
         deltas[name] = {k: merged[k] - base_state[k] for k in base_state}
     return root, base_state, deltas
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_merged_adapter_matches_dense_weighted_sum(saved, tmp_path):
@@ -57,13 +50,13 @@ def test_merged_adapter_matches_dense_weighted_sum(saved, tmp_path):
 
     run_merge(load_recipe(recipe), tmp_path / "merged", quiet=True)
 
-    expected = tiny_llama()
+    expected = llama()
     expected.load_state_dict({k: v + sum(WEIGHTS[n] * deltas[n][k] for n in WEIGHTS) for k, v in base_state.items()})
-    merged = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "merged").eval()
+    merged = peft.PeftModel.from_pretrained(llama(), tmp_path / "merged").eval()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     want, got = logits(expected, ids), logits(merged, ids)
     assert float((got - want).abs().max()) <= 1e-5
-    assert float((logits(tiny_llama(), ids) - want).abs().max()) > 1e-2  # the deltas matter
+    assert float((logits(llama(), ids) - want).abs().max()) > 1e-2  # the deltas matter
 
 
 def test_merged_adapter_at_reduced_rank_loads_in_peft(saved, tmp_path):
@@ -74,7 +67,7 @@ def test_merged_adapter_at_reduced_rank_loads_in_peft(saved, tmp_path):
     from lowrank_methods.pipeline.recipe import load_recipe
 
     report = run_merge(load_recipe(recipe), tmp_path / "merged", quiet=True)
-    merged = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "merged").eval()
+    merged = peft.PeftModel.from_pretrained(llama(), tmp_path / "merged").eval()
     lora_ranks = {name.removesuffix(".lora_A.default.weight").removeprefix("base_model.model."): p.shape[0]
                   for name, p in merged.named_parameters() if name.endswith("lora_A.default.weight")}
     lora_ranks |= {name.removesuffix(".lora_embedding_A.default").removeprefix("base_model.model."): p.shape[0]

@@ -70,8 +70,9 @@ def test_yaml_scientific_strings_are_numbers_for_float_parameters():
 
 
 @pytest.mark.parametrize("method,parameters,needle", [
-    ("knots", {"tsv_components": 4}, "tsv_components is read by rule tsv, not by rule 'ties'"),
-    ("knots", {"common_space_fraction": 0.5}, "common_space_fraction is read by rule iso_cts"),
+    ("knots", {"tsv_components": 4}, "tsv_components: not a parameter of this method"),  # knots takes no tsv rule
+    ("knots", {"common_space_fraction": 0.5}, "common_space_fraction: not a parameter of this method"),
+    ("ctm", {"rule": "ties", "tsv_components": 4}, "tsv_components is read by rule tsv, not by rule 'ties'"),
     ("ctm", {"rank": 4, "rule": "ta", "density": 0.3}, "density is read by rule dare_ties / ties"),
     ("core_space", {"rule": "ties", "drop_rate": 0.3}, "drop_rate is read by rule dare / dare_ties"),
     ("mtc", {"rank": 4, "denstiy": 0.3}, "did you mean 'density'?"),
@@ -87,11 +88,11 @@ def test_a_parameter_the_method_does_not_use_is_refused(method, parameters, need
 def test_rmm_refuses_lambda_before_anything_is_read(tmp_path):
     from click.testing import CliRunner
 
-    from conftest import write_adapter, write_recipe
+    from helpers import write_adapter, write_recipe
     from lowrank_methods.cli import main
 
     a = write_adapter(tmp_path / "a", {"model.layers.0.q": (4, 4)})
     b = write_adapter(tmp_path / "b", {"model.layers.0.q": (4, 4)}, seed=1)
     path = write_recipe(tmp_path / "r.yml", "rmm", [(a, None), (b, None)], {"lambda": 0.5})
     result = CliRunner().invoke(main, ["validate", str(path)])
-    assert result.exit_code == 1 and "lambda does not apply" in result.stderr
+    assert result.exit_code == 1 and "lambda: not a parameter of this method" in result.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import write_adapter, write_recipe
+from helpers import write_adapter, write_recipe
 from lowrank_methods.cli import main
 
 Q = "model.layers.0.self_attn.q_proj"

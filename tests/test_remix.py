@@ -10,8 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import write_adapter
-from hub_server import TOKEN, fake_hub  # noqa: F401  (fixture)
+from helpers import TOKEN, write_adapter
 from lowrank_methods.cli import main
 from lowrank_methods.core.errors import MergeError, RecipeError
 from lowrank_methods.pipeline.recipe import read_recipe_text

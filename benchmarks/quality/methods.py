@@ -16,7 +16,9 @@ from typing import Callable, get_args
 
 import torch
 
+from lowrank_methods.core.types import MethodContext
 from lowrank_methods.formats.peft import AdapterSource
+from lowrank_methods.pipeline.engine import make_plan
 
 from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.method import list_methods
@@ -52,16 +54,13 @@ class Candidate:
 
 
 def load_factors(adapter_dirs: list[Path], dtype=torch.float32) -> dict[str, list[LoraFactors]]:
-    """module -> one LoraFactors per adapter (rank 0 where an adapter lacks the module)."""
+    """module -> one LoraFactors per adapter (rank 0 where an adapter lacks the module), over the engine's plan:
+    the union of the adapters' modules in its order, layouts checked to agree."""
     sources = [AdapterSource.open(d) for d in adapter_dirs]
-    out: dict[str, list] = {}
-    for i, source in enumerate(sources):
-        for module in source.modules:
-            out.setdefault(module, [None] * len(sources))[i] = source.read_module(module, dtype)
-    for factors in out.values():
-        shape = next(f.shape for f in factors if f is not None)
-        factors[:] = [f if f is not None else LoraFactors.zeros(shape, dtype) for f in factors]
-    return out
+    plan = make_plan(sources)
+    return {module: [src.read_module(module, dtype) if module in src.keys
+                     else LoraFactors.zeros(plan.layouts[module].shape, dtype) for src in sources]
+            for module in plan.modules}
 
 
 def size_mb(factors: dict[str, LoraFactors]) -> float:
@@ -74,7 +73,7 @@ def package_candidates(factors: dict[str, list[LoraFactors]], weights: list[floa
     for method in list_methods():
         if method.output == "bundle":
             continue
-        fields = method.params.model_fields
+        fields = method.fields
         # Every rule of the merge spaces; mergekit's own names (task_arithmetic, linear) at their default rule only.
         rules = get_args(fields["rule"].annotation) if "rule" in fields and method.in_mergekit else (None,)
         fixed = dict(FIXED.get(method.name, {}))
@@ -94,9 +93,9 @@ def _package_merge(method, factors, weights):
     def merge(values: dict) -> Merged:
         merged, seconds = {}, 0.0
         for module, fs in factors.items():
-            params = method.parse_params({**values, "module": module})
+            params = method.parse_params(values)
             t0 = time.perf_counter()
-            result = method.fn(fs, weights, params)
+            result = method(fs, weights, params, MethodContext(module))
             seconds += time.perf_counter() - t0
             merged[module] = result.factors
         return Merged(merged, seconds, max(f.rank for f in merged.values()), size_mb(merged))

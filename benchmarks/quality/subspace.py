@@ -17,6 +17,7 @@ import argparse
 
 import torch
 
+from lowrank_methods.core.types import MethodContext
 from lowrank_methods.core.method import get_method
 
 from .methods import load_factors
@@ -36,7 +37,7 @@ def compare(factors: dict, rank: int = 16) -> dict[str, dict[str, float]]:
         exact = sum(f.dense() for f in fs)
         for name, values in (("ctm[ta]", {"rule": "ta", "rank": rank}), ("mtc[ta]", {"rule": "ta", "rank": rank})):
             method = get_method(name.split("[")[0])
-            out = method.fn(fs, [1.0] * len(fs), method.parse_params({**values, "module": module})).factors
+            out = method(fs, [1.0] * len(fs), method.parse_params(values), MethodContext(module)).factors
             kept = [kept_fraction(f.dense(), out) for f in fs]
             s = sums.setdefault(name, {"err": 0.0, "kept_mean": 0.0, "kept_worst": 0.0})
             s["err"] += float((out.dense() - exact).norm() / exact.norm()) / len(factors)

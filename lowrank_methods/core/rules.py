@@ -20,61 +20,72 @@ by the caller before the rule (X_t = w_t ΔW_t, as PEFT and mergekit do), λ aft
 from __future__ import annotations
 
 import functools
-import zlib
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.linalg import numerical_rank, polar
-from lowrank_methods.core.method import MethodParams
-from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.params import ScaledParams
+from lowrank_methods.core.types import LoraFactors, MethodContext, ModuleResult
 
 RuleName = Literal["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts"]
 SignMethod = Literal["total", "frequency"]
 
 
-class RuleParams(MethodParams):
-    """The merge rule and its parameters, shared by every method that takes ``rule:``."""
+# -- each rule with its own knobs (a method taking ``rule:`` gets exactly the chosen rule's knobs) ----------------
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
 
-    rule: RuleName = "ties"
+
+class TaRule(Rule):
+    rule: Literal["ta"] = "ta"
+
+
+class TiesRule(Rule):
+    rule: Literal["ties"] = "ties"
     density: float = Field(0.2, gt=0, le=1, description="TIES: fraction of each task's entries kept (by magnitude)")
+    majority_sign_method: SignMethod = Field("total", description="TIES sign election: sum of values or count of signs")
+
+
+class DareRule(Rule):
+    rule: Literal["dare"] = "dare"
     drop_rate: float = Field(0.1, ge=0, lt=1, description="DARE: probability p of dropping an entry")
     seed: int = Field(0, description="DARE: seed; each module draws from (seed, module name)")
-    majority_sign_method: SignMethod = Field("total", description="TIES sign election: sum of values or count of signs")
+
+
+class DareTiesRule(TiesRule, DareRule):
+    rule: Literal["dare_ties"] = "dare_ties"
+
+
+class TsvRule(Rule):
+    rule: Literal["tsv"] = "tsv"
+    tsv_components: PositiveInt | None = Field(None, description="TSV: singular triplets kept per task (None: "
+                                               "⌊min(m, n)/T⌋ of the m×n matrices merged)")
+
+
+class IsoCRule(Rule):
+    rule: Literal["iso_c"] = "iso_c"
+
+
+class IsoCtsRule(Rule):
+    rule: Literal["iso_cts"] = "iso_cts"
     common_space_fraction: float = Field(0.8, gt=0, le=1, description="Iso-CTS: share of the spectrum kept common")
-    tsv_components: PositiveInt | None = Field(None, description="TSV: singular triplets kept per task (None: min(p,q)/T)")
-
-    @model_validator(mode="after")
-    def _knobs_of_the_chosen_rule_only(self):
-        """A knob the chosen rule does not read would be silently ignored: refuse it instead."""
-        unused = sorted(k for k in self.model_fields_set & ALL_KNOBS if k not in RULE_KNOBS[self.rule])
-        if unused:
-            users = sorted(r for r, knobs in RULE_KNOBS.items() if unused[0] in knobs)
-            raise ValueError(f"{unused[0]} is read by rule {' / '.join(users)}, not by rule {self.rule!r}; remove it "
-                             "or choose that rule")
-        return self
 
 
-RULE_KNOBS: dict[str, set[str]] = {  # the RuleParams fields each rule reads
-    "ta": set(),
-    "ties": {"density", "majority_sign_method"},
-    "dare": {"drop_rate", "seed"},
-    "dare_ties": {"density", "majority_sign_method", "drop_rate", "seed"},
-    "tsv": {"tsv_components"},
-    "iso_c": set(),
-    "iso_cts": {"common_space_fraction"},
-}
-ALL_KNOBS = set().union(*RULE_KNOBS.values())
+RULES: dict[str, type[Rule]] = {"ta": TaRule, "ties": TiesRule, "dare": DareRule, "dare_ties": DareTiesRule,
+                                "tsv": TsvRule, "iso_c": IsoCRule, "iso_cts": IsoCtsRule}
 
 
-def module_generator(params: RuleParams, device, stream: str = "") -> torch.Generator:
-    """A private generator seeded from (seed, module name[, stream]) by CRC32: same recipe → same draws,
-    no global state. (Draws are reproducible per device type; CPU and CUDA streams differ.)"""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(zlib.crc32(f"{params.seed}:{params.module}{stream}".encode()))
-    return gen
+class RuleParams(ScaledParams):
+    """Parameters of a method that takes ``rule:``; the registry adds the chosen rule's knobs (``Method.variants``)."""
+
+    rule: RuleName = "ties"
+
+
+def default_tsv_components(shape: tuple[int, int], tasks: int) -> int:
+    """TSV-M's triplets per task when the recipe sets none: ⌊min(m, n)/T⌋, at least 1 (the reference's choice)."""
+    return max(1, min(shape) // tasks)
 
 
 def over_present_tasks(fn):
@@ -82,33 +93,34 @@ def over_present_tasks(fn):
     so it changes nothing; with no task left the result is the rank-0 update."""
 
     @functools.wraps(fn)
-    def wrapper(factors, weights, params):
+    def wrapper(factors, weights, params, ctx=None):
         kept = [(f, w) for f, w in zip(factors, weights) if f.rank > 0]
         if not kept:
             f = factors[0]
             return ModuleResult(LoraFactors.zeros(f.shape, f.A.dtype, f.A.device), {"rank": 0, "retained_energy": 1.0})
-        return fn([f for f, _ in kept], [w for _, w in kept], params)
+        return fn([f for f, _ in kept], [w for _, w in kept], params, ctx if ctx is not None else MethodContext())
 
     return wrapper
 
 
-def apply_rule(X: torch.Tensor, params: RuleParams) -> torch.Tensor:
-    """Merge the (already weighted) stack X (T, p, q) with ``params.rule``; λ is the caller's."""
-    rule = params.rule
-    if rule == "ta":
+def apply_rule(X: torch.Tensor, rule: Rule, ctx: MethodContext | None = None) -> torch.Tensor:
+    """Merge the (already weighted) stack X (T, p, q) with ``rule`` (a rule model, or a method's parameters for
+    one); λ is the caller's. ``ctx`` seeds DARE's draws from the module's name."""
+    name = rule.rule
+    if name == "ta":
         return task_arithmetic(X)
-    if rule == "ties":
-        return ties(X, params.density, params.majority_sign_method)
-    if rule in ("dare", "dare_ties"):
-        dropped = dare(X, params.drop_rate, module_generator(params, X.device))
-        return task_arithmetic(dropped) if rule == "dare" else ties(dropped, params.density, params.majority_sign_method)
-    if rule == "tsv":
-        return tsv(X, params.tsv_components)
-    if rule == "iso_c":
+    if name == "ties":
+        return ties(X, rule.density, rule.majority_sign_method)
+    if name in ("dare", "dare_ties"):
+        dropped = dare(X, rule.drop_rate, (ctx or MethodContext()).generator(rule.seed, X.device))
+        return task_arithmetic(dropped) if name == "dare" else ties(dropped, rule.density, rule.majority_sign_method)
+    if name == "tsv":
+        return tsv(X, rule.tsv_components)
+    if name == "iso_c":
         return iso_c(X)
-    if rule == "iso_cts":
-        return iso_cts(X, params.common_space_fraction)
-    raise ValueError(f"unknown rule {rule!r}")
+    if name == "iso_cts":
+        return iso_cts(X, rule.common_space_fraction)
+    raise ValueError(f"unknown rule {name!r}")
 
 
 # -- elementwise rules -------------------------------------------------------------------------------
@@ -220,7 +232,7 @@ def tsv(X: torch.Tensor, components: int | None = None) -> torch.Tensor:
     """TSV-M: keep k = ⌊min(p,q)/T⌋ (≥1) triplets per task, capped at the task's rank;
     ΔW* = polar(U_cat) diag(S_cat) polar(V_cat)."""
     T, p, q = X.shape
-    k = components if components is not None else max(1, min(p, q) // T)
+    k = components if components is not None else default_tsv_components((p, q), T)
     parts = [_svd(x, k) for x in X]
     U = torch.cat([u for u, _, _ in parts], 1)
     if U.shape[1] == 0:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -56,3 +57,17 @@ class ModuleResult:
             dict(self.stats),
             {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
         )
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Where a method runs: the module's name, which seeds its private random streams (same recipe → same draws)."""
+
+    module: str = ""
+
+    def generator(self, seed: int, device, stream: str = "") -> torch.Generator:
+        """A generator seeded from (seed, module name[, stream]) by CRC32, no global state. (Draws are reproducible
+        per device type; CPU and CUDA streams differ.)"""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(zlib.crc32(f"{seed}:{self.module}{stream}".encode()))
+        return gen

@@ -24,13 +24,13 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lowrank_methods.publish.card import is_local_path
-from lowrank_methods.core.errors import BundleError, one_line, short
-from lowrank_methods.formats.peft import ModuleLayout
-from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.core.errors import BundleError, CorruptAdapterError, OutputExistsError, one_line, short
 from lowrank_methods.core.methods.rmm import PARTS, task_factors
-from lowrank_methods.core.types import ModuleResult
-from lowrank_methods.formats.writers_tmp import AdapterWriter, SafetensorsStream
+from lowrank_methods.core.types import LoraFactors, ModuleResult
+from lowrank_methods.formats.peft import (LORA_PARTS, AdapterWriter, ModuleLayout, live_loras, saved_module,
+                                          tensor_key)
+from lowrank_methods.formats.safetensors_io import SafetensorsStream, read_all
+from lowrank_methods.formats.writer import OutputJob
 
 TENSORS_FILE = "bundle.safetensors"
 MANIFEST = "reversible.json"
@@ -41,34 +41,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest holds a few numbers per module and task: far below this
 MAX_CONFIG_DEPTH = 32  # nesting of a task's adapter_config (written back out as JSON)
-LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
 
 class BundleWriter:
-    """Streams rmm's per-module tensors into a reversible bundle (same protocol as ``AdapterWriter``)."""
+    """Streams rmm's per-module tensors into a reversible bundle in ``job.path`` (a ``formats.writer.Writer``)."""
 
-    def __init__(self, recipe, out, plan, sources, *, extra_keys: list[str], dtype: torch.dtype, overwrite: bool = False,
-                 stage=None):
-        if dtype not in DTYPE_NAMES:
-            raise BundleError(f"a reversible bundle is stored as one of {', '.join(DTYPES)}, not {dtype}")
-        if stage is None:  # no caller's stage (the engine passes its own): make one, which commit/abort then handle
-            from lowrank_methods.formats.writers_tmp import StagedDirectory
-
-            stage = StagedDirectory(out, overwrite)
-        self.stage = stage
-        self.dtype = dtype
-        names = [f"{m}.{k}" for m in plan.modules for k in KEYS] + [f"extra.{k}" for k in extra_keys]
-        self.stream = SafetensorsStream(self.stage.path / TENSORS_FILE, names)
-        self.settings = dict(recipe.settings)
-        self.tasks = [{"name": ref.name, "source": public_source(ref.adapter), "revision": ref.revision, "config": src.config,
+    def __init__(self, job: OutputJob):
+        if job.dtype not in DTYPE_NAMES:
+            raise BundleError(f"a reversible bundle is stored as one of {', '.join(DTYPES)}, not {job.dtype}")
+        self.path = job.path
+        self.dtype = job.dtype
+        names = [f"{m}.{k}" for m in job.modules for k in KEYS] + [f"extra.{k}" for k in job.extra_keys]
+        self.stream = SafetensorsStream(self.path / TENSORS_FILE, names)
+        self.settings = dict(job.settings)
+        self.tasks = [{"name": ref.name, "source": ref.source, "revision": ref.revision, "config": src.config,
                        "extra_keys": list(src.extra_keys), "input_bytes": src.weights_file.stat().st_size}
-                      for ref, src in zip(recipe.adapters, sources)]
+                      for ref, src in zip(job.tasks, job.sources)]
         self.modules: dict[str, dict] = {}
         self.extras: list[str] = []
-
-    @property
-    def path(self) -> Path:
-        return self.stage.path
 
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
         missing = {f"basis_{p}" for p in PARTS} | {f"coeffs_{p}" for p in PARTS} | {"ranks"}
@@ -91,7 +81,7 @@ class BundleWriter:
         self.stream.add(f"extra.{key}", tensor)
         self.extras.append(key)
 
-    def finish(self, config: dict) -> Path:
+    def finish(self, config: dict) -> None:
         self.stream.close()
         data = (self.path / TENSORS_FILE).read_bytes()
         modules = self.modules
@@ -116,14 +106,9 @@ class BundleWriter:
             "modules": modules,
         }
         (self.path / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
-        return self.stage.path
-
-    def commit(self) -> Path:
-        return self.stage.commit()
 
     def abort(self) -> None:
         self.stream.discard()
-        self.stage.abort()
 
 
 def paper_ratio(p: int, r: int, T: int, center: bool = True) -> float:
@@ -315,7 +300,7 @@ def validate_manifest(manifest, path: Path) -> ManifestSpec:
     try:
         return ManifestSpec.model_validate(manifest)
     except ValidationError as e:
-        raise _error(_validation_line(path, e)) from None
+        raise _error(_validation_line(path, e)) from e
 
 
 @dataclass
@@ -341,17 +326,15 @@ class ReversibleBundle:
             raise _error(f"bundle {path}: {TENSORS_FILE} does not match the checksum in {MANIFEST}; the bundle is "
                          "corrupt, re-create it with mergekit-lowrank merge")
         try:
-            from safetensors.torch import load as load_bytes
-
-            tensors = load_bytes(raw)
-        except Exception as e:
-            raise _error(f"bundle {path}: cannot read {TENSORS_FILE} ({short(str(e), 100)}); the bundle is corrupt") from None
+            tensors = read_all(raw, TENSORS_FILE)  # the very bytes just checksummed
+        except CorruptAdapterError as e:
+            raise _error(f"bundle {path}: cannot read {TENSORS_FILE} ({short(str(e), 100)}); the bundle is corrupt") from e
         bundle = cls(path, manifest, tensors)
         try:
             bundle._check()
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a safety net: _read_manifest checked
             raise _error(f"bundle {path}: {MANIFEST} is malformed ({type(e).__name__}: {short(str(e), 100)}); "
-                         "the bundle is corrupt") from None
+                         "the bundle is corrupt") from e
         return bundle
 
     # -- what it holds ---------------------------------------------------------------------
@@ -392,91 +375,86 @@ class ReversibleBundle:
                 out[module] = f.to(dtype=dtype) if dtype is not None else f
         return out
 
-    def write_adapter(self, task: str, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write task ``task`` as a PEFT adapter (r == lora_alpha, the task's own rank per module), atomically.
-
-        Everything that can fail is done before OUT (or its staging directory) is created: the factors are built,
-        converted to the output dtype and checked finite; on any later failure the staging directory is removed."""
+    def rebuilt(self, task: str) -> "RebuiltAdapter":
+        """Task ``task`` as the PEFT adapter it rebuilds to (r == lora_alpha, the task's own rank per module), every
+        check made and nothing written: its factors are finite in the output dtype, its carried tensors are there."""
         t = self.task_index(task)
         meta = self.manifest["tasks"][t]
         dtype = self.dtype
         factors = self.adapter(task)
         if not factors:
             raise _error(f"bundle {self.path}: task {short(task)} has rank 0 in every module; the bundle is corrupt")
-        tensors = {}
+        keys = set()
         for module, f in factors.items():
             for part, tensor in self.layout(module).peft_tensors(f).items():
-                tensor = tensor.to(dtype)
-                if not bool(torch.isfinite(tensor).all()):
+                if not bool(torch.isfinite(tensor.to(dtype)).all()):
                     raise _error(f"bundle {self.path}: task {short(task)} rebuilds to non-finite {part} values in "
                                  f"{dtype_name(dtype)}; the bundle is corrupt", module=module)
-                tensors[f"base_model.model.{module}.{part}"] = tensor
+                keys.add(tensor_key(module, part))
         extras = list(meta.get("extra_keys", []))
         for key in extras:
             if f"extra.{key}" not in self.tensors:  # _check saw them; this guards bundles built by hand
                 raise _error(f"bundle {self.path}: task {short(task)} carries {short(key)} but {TENSORS_FILE} lacks "
                              f"{short('extra.' + key)}; the bundle is corrupt")
-            if key in tensors:
+            if key in keys:
                 raise _error(f"bundle {self.path}: carried tensor {short(key)} collides with a LoRA tensor of the "
                              "adapter; the bundle is corrupt")
+        config = dict(meta["config"])
+        config["base_model_name_or_path"] = config.get("base_model_name_or_path") or self.manifest.get("base_model")
+        return RebuiltAdapter(factors, {m: self.layout(m) for m in factors},
+                              {key: self.tensors[f"extra.{key}"] for key in extras}, config, dtype)
+
+    def check_outside(self, out: str | Path) -> None:
+        """Refuse an output directory that is, holds or lies inside this bundle."""
         target, home = Path(out).resolve(), self.path.resolve()
         if target == home or target in home.parents or home in target.parents:
             raise _error(f"output {out} is, holds or lies inside the bundle {self.path}; write the adapter somewhere else")
-        del tensors  # only built to check them; the writer converts the same factors again
-        writer = AdapterWriter(out, list(factors), extras, dtype=dtype, overwrite=overwrite)
-        try:
-            for module, f in factors.items():
-                writer.add(module, self.layout(module), ModuleResult(f))
-            for key in extras:
-                module = key.removeprefix("base_model.model.").removesuffix(".weight").removesuffix(".bias")
-                writer.add_extra(key, self.tensors[f"extra.{key}"], module)
-            config = dict(meta["config"])
-            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or self.manifest.get("base_model")
-            writer.finish(config)
-            return writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+
+    def write_adapter(self, task: str, directory: str | Path) -> Path:
+        """Write task ``task`` as a PEFT adapter into ``directory`` (a new or empty one), every check made first.
+        Not atomic by itself: ``mergekit-lowrank reconstruct`` writes into a staging directory it renames into place
+        (and replaces an older output of ours with ``--overwrite``)."""
+        adapter = self.rebuilt(task)
+        self.check_outside(directory)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if any(directory.iterdir()):  # never write over files we do not own
+            raise OutputExistsError(f"{directory} is not empty; choose a new directory (or use mergekit-lowrank "
+                                    "reconstruct --overwrite to replace an earlier output of ours)")
+        adapter.write(directory)
+        return directory
 
     def to_peft(self, model, task: str, adapter_name: str | None = None):
         """Switch a loaded PeftModel to ``task``: overwrite the active adapter's lora_A/lora_B so that its update
         ``scaling · B A`` equals the task's ΔW (zero where the task lacks a module). Returns ``model``."""
-        from peft.tuners.lora import LoraLayer
-
         t = self.task_index(task)
         if self.manifest["tasks"][t].get("extra_keys"):
             raise _error(f"task {short(task)} carries modules_to_save tensors that to_peft cannot swap; use "
                          "write_adapter (mergekit-lowrank reconstruct) and load that adapter instead")
         name = adapter_name or model.active_adapter
         name = name if isinstance(name, str) else name[0]
-        layers = {n.removeprefix("base_model.model."): mod for n, mod in model.named_modules()
-                  if isinstance(mod, LoraLayer) and (name in mod.lora_A or name in mod.lora_embedding_A)}
+        layers = live_loras(model, name)
         factors = self.adapter(task)
         missing = sorted(set(factors) - set(layers))
         if missing:
             raise _error(f"adapter {short(name)} of the model has no LoRA layer on {short(missing[0], 80)} ({len(missing)} "
                          "modules missing); load an adapter that targets every module of the bundle, e.g. one reconstructed from it")
-        params = {}
         for module, layer in layers.items():  # check everything before touching any weight
-            embedding = name in layer.lora_embedding_A
-            A = layer.lora_embedding_A[name] if embedding else layer.lora_A[name].weight
-            B = layer.lora_embedding_B[name] if embedding else layer.lora_B[name].weight
             if layer.merged:
                 raise _error(f"the adapter is merged into the base weights at {short(module, 80)}; unmerge it before to_peft")
-            if module in factors and A.shape[0] < factors[module].rank:
-                raise _error(f"the loaded adapter has rank {A.shape[0]} but task {short(task)} needs "
+            if module in factors and layer.A.shape[0] < factors[module].rank:
+                raise _error(f"the loaded adapter has rank {layer.A.shape[0]} but task {short(task)} needs "
                              f"{factors[module].rank}; load an adapter with rank >= the bundle's ranks", module=module)
-            params[module] = (A, B, layer.scaling[name])
         with torch.no_grad():
-            for module, (A, B, scaling) in params.items():
+            for module, layer in layers.items():
                 f = factors.get(module)
-                A.zero_()
-                B.zero_()
+                layer.A.zero_()
+                layer.B.zero_()
                 if f is None:
                     continue
                 a, b = layout_values(self.layout(module), f)
-                A[: f.rank] = a.to(A.dtype)
-                B[:, : f.rank] = (b / scaling).to(B.dtype)
+                layer.A[: f.rank] = a.to(layer.A.dtype)
+                layer.B[:, : f.rank] = (b / layer.scaling).to(layer.B.dtype)
         return model
 
     # -- checks --------------------------------------------------------------------------------
@@ -513,7 +491,7 @@ class ReversibleBundle:
                 if key not in expected and f"{module}.{key}" in self.tensors:
                     raise _error(f"bundle {self.path}: tensor {key} is present but {MANIFEST} says the module is not "
                                  "centred; the bundle is corrupt", module=module)
-        outputs = {f"base_model.model.{m}.{part}" for m in self.manifest["modules"] for part in LORA_PARTS}
+        outputs = {tensor_key(m, part) for m in self.manifest["modules"] for part in LORA_PARTS}
         for task in self.manifest["tasks"]:
             for key in task.get("extra_keys", []):
                 got = self.tensors.get(f"extra.{key}")
@@ -526,6 +504,30 @@ class ReversibleBundle:
                 if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
                     raise _error(f"bundle {self.path}: carried tensor {short('extra.' + key)} holds NaN or Inf; the "
                                  "bundle is corrupt")
+
+
+@dataclass
+class RebuiltAdapter:
+    """One task of a bundle as a PEFT adapter, checked and ready to write (``ReversibleBundle.rebuilt``)."""
+
+    factors: dict[str, LoraFactors]
+    layouts: dict[str, ModuleLayout]
+    extras: dict[str, torch.Tensor]  # carried tensors (modules_to_save) by adapter key
+    config: dict  # the task's adapter_config, base_model_name_or_path filled in from the bundle
+    dtype: torch.dtype
+
+    def write(self, directory: Path) -> None:
+        """adapter_model.safetensors and adapter_config.json, written into the existing ``directory``."""
+        writer = AdapterWriter(OutputJob(Path(directory), list(self.factors), self.layouts, self.dtype, list(self.extras)))
+        try:
+            for module, f in self.factors.items():
+                writer.add(module, self.layouts[module], ModuleResult(f))
+            for key, tensor in self.extras.items():
+                writer.add_extra(key, tensor, saved_module(key))
+            writer.finish(self.config)
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -552,12 +554,12 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise _error(f"bundle {path}: {MANIFEST} is not valid JSON (not UTF-8 at byte {e.start}); the bundle is "
-                     "corrupt") from None
+                     "corrupt") from e
     except json.JSONDecodeError as e:
         raise _error(f"bundle {path}: {MANIFEST} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
-                     "the bundle is corrupt") from None
+                     "the bundle is corrupt") from e
     except RecursionError:
-        raise _error(f"bundle {path}: {MANIFEST} is not valid JSON (nested too deeply); the bundle is corrupt") from None
+        raise _error(f"bundle {path}: {MANIFEST} is not valid JSON (nested too deeply); the bundle is corrupt")
     validate_manifest(manifest, path)
     return manifest
 
@@ -585,8 +587,3 @@ def summary_table(path: str | Path) -> str:
     if manifest.get("dtype") in ("float16", "bfloat16"):
         lines.append(f"(errors are measured at compute precision, before the bundle is rounded to {manifest['dtype']})")
     return "\n".join(lines)
-
-
-def public_source(source: str) -> str:
-    """A task's source as recorded in a bundle that may be pushed: a local absolute path becomes its directory name."""
-    return Path(source.rstrip("/\\")).name if is_local_path(source) else source

@@ -1,19 +1,19 @@
 """``output: model``: the base model with the merged update in its weights, ``W0 + ΔW*``, streamed tensor by tensor.
 
-The writer follows the engine's writer protocol (``add``, ``add_extra``, ``finish``, ``abort``):
+The writer follows the writer protocol (``formats.writer.Writer``: ``add``, ``add_extra``, ``finish``, ``abort``):
 
-* when it is opened (before anything is merged) it resolves the base model (a local directory, or a Hub id
-  fetched by ``hub.resolve_model``: config, tokenizer and safetensors files only), reads the headers of its
-  safetensors files and maps every planned module ``m`` to the base tensor ``m.weight`` (or, for a checkpoint
+* when it is opened (before anything is merged) it reads the headers of the base model's safetensors files (in
+  ``job.base_dir``: the pipeline resolved the base, a local directory or a Hub id fetched by
+  ``publish.hub.resolve_model``) and maps every planned module ``m`` to the base tensor ``m.weight`` (or, for a checkpoint
   saved from a wrapper or a bare model, ``m.weight`` with one common prefix added or removed); a module without
   such a weight, with another shape or a non-float dtype is refused with one line;
 * ``add`` keeps each module's merged factors (adapter-sized: they are what an adapter output would hold);
-  ``add_extra`` spills ``modules_to_save`` tensors into the staging area's scratch directory;
+  ``add_extra`` spills ``modules_to_save`` tensors into the job's scratch directory;
 * ``finish`` streams the base: each tensor is read on its own (positioned reads, no mmap), gets
   ``W0 + B @ A`` (computed in float32, or float64 for float64 factors or weights, then cast) when a module was
   merged into it, the adapter's tensor when it was saved whole, and is otherwise copied byte for byte. Output
   shards (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``
-  past ``shard_size`` bytes) are written straight into the staging area; ``config.json`` (its ``dtype`` set to
+  past ``shard_size`` bytes) are written straight into ``job.path``; ``config.json`` (its ``dtype`` set to
   the recipe's), generation config, tokenizer and other small metadata files of the base are copied.
 
 dtype: the recipe's ``dtype``/``out_dtype`` casts every floating-point tensor; without one each tensor keeps the
@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 from lowrank_methods.core.errors import BaseModelError, ComputeError, OutputError, one_line, short
-from lowrank_methods.formats.peft import ModuleLayout
-from lowrank_methods.core.types import LoraFactors
-from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.core.types import LoraFactors, ModuleResult
+from lowrank_methods.formats.peft import ModuleLayout, base_name, saved_module
+from lowrank_methods.formats.safetensors_io import (BITS, DTYPES, SafetensorsFile, SafetensorsStream, encode_header,
+                                                    write_tensor)
+from lowrank_methods.formats.writer import OutputJob, merged_factors
 
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes: mergekit's --out-shard-size default (5B), transformers' is 5 GB
 SINGLE_FILE = "model.safetensors"
@@ -87,8 +89,6 @@ class BaseCheckpoint:
     """A model directory's safetensors weights, headers only: every tensor's file, dtype, shape and bytes."""
 
     def __init__(self, path: Path, who: str):
-        from lowrank_methods.formats.safetensors_io import SafetensorsFile
-
         self.path, self.who = Path(path), who
         self.files = [SafetensorsFile(f) for f in self.weight_files()]
         self.identity = [_identity(f.path) for f in self.files]
@@ -112,7 +112,7 @@ class BaseCheckpoint:
                 names = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise BaseModelError(f"{self.who}: {INDEX_FILE} is not a valid weight index (JSON with weight_map); "
-                                     "re-save the model") from None
+                                     "re-save the model")
             files = []
             for name in names:
                 f = self.path / str(name)
@@ -174,48 +174,40 @@ def key_rule(names: list[str], keys) -> tuple[str, str]:
 
 # -- the writer ----------------------------------------------------------------------------------------------
 class FullModelWriter:
-    """Streams ``W0 + ΔW*`` of the base model into the staging area (see the module docstring)."""
+    """Streams ``W0 + ΔW*`` of the base model in ``job.base_dir`` into ``job.path`` (see the module docstring)."""
 
-    def __init__(self, recipe, stage, plan, sources, *, extra_keys: list[str], base: str | None,
-                 shard_size: int | str | None = None, copy_tokenizer: bool = True):
-        from lowrank_methods.publish.hub import resolve_model
-
-        self.stage = stage
-        _check_recipe_fields(recipe)
-        if not base:
-            raise BaseModelError("output: model needs the base model: set base_model in the recipe (no adapter names "
-                                 "its base_model_name_or_path)")
-        self.base = base
-        self.who = f"base model {short(base, 80)}"
-        self.base_dir = resolve_model(base)
+    def __init__(self, job: OutputJob):
+        self.path = job.path
+        self.who = f"base model {short(job.base, 80)}"
+        self.base_dir = job.base_dir
         if not (self.base_dir / "config.json").is_file():
             raise BaseModelError(f"{self.who} has no config.json; point base_model at a transformers model directory")
         self.checkpoint = BaseCheckpoint(self.base_dir, self.who)
-        self.out_dtype = _torch_dtype(recipe.dtype) if recipe.dtype else None
-        self.shard_size = parse_shard_size(shard_size) if shard_size is not None else DEFAULT_SHARD_SIZE
-        self.copy_tokenizer = copy_tokenizer
+        self.out_dtype = job.model_dtype
+        self.shard_size = parse_shard_size(job.shard_size) if job.shard_size is not None else DEFAULT_SHARD_SIZE
+        self.copy_tokenizer = job.copy_tokenizer
 
         tensors = self.checkpoint.tensors
-        extra_names = {k: k.removeprefix("base_model.model.") for k in extra_keys}
-        strip, add = key_rule([f"{m}.weight" for m in plan.modules] + list(extra_names.values()), tensors)
+        extra_names = {k: base_name(k) for k in job.extra_keys}
+        strip, add = key_rule([f"{m}.weight" for m in job.modules] + list(extra_names.values()), tensors)
 
         def base_key(name: str) -> str:
             return add + name[len(strip):] if name.startswith(strip) else name
 
         self.targets: dict[str, str] = {}  # module -> base tensor
-        for module in plan.modules:
+        for module in job.modules:
             key = base_key(f"{module}.weight")
             if key not in tensors:
                 raise BaseModelError(f"the {self.who} has no weight {short(key, 80)} for this module (nor with one common "
                                      "prefix added or removed); the adapters were not trained on this base model",
                                      module=module)
-            _check_fits(plan.layouts[module], tensors[key], module, self.who)
+            _check_fits(job.layouts[module], tensors[key], module, self.who)
             self.targets[module] = key
         self.extra_targets: dict[str, str] = {}  # adapter key -> base tensor
-        owners = {k: src for src in sources for k in src.extra_keys}
+        owners = {k: src for src in job.sources for k in src.extra_keys}
         for adapter_key, name in extra_names.items():
             key = base_key(name)
-            module = name.removesuffix(".weight").removesuffix(".bias")
+            module = saved_module(adapter_key)
             if key not in tensors:
                 raise BaseModelError(f"the adapter saves {short(name, 80)} whole (modules_to_save), but the {self.who} "
                                      "has no such tensor", module=module)
@@ -230,21 +222,13 @@ class FullModelWriter:
                                  "target of another; there is no defined merge of the two")
         self.updates: dict[str, tuple[ModuleLayout, LoraFactors, str]] = {}  # base tensor -> what to add
         self.replaced: set[str] = set()
-        self.extras_path = stage.scratch / EXTRAS_FILE
+        self.extras_path = job.scratch / EXTRAS_FILE
         self.extras = None
-        if extra_keys:
-            from lowrank_methods.formats.writers_tmp import SafetensorsStream
-
-            self.extras = SafetensorsStream(self.extras_path, list(extra_keys))
-
-    @property
-    def path(self) -> Path:
-        return self.stage.path
+        if job.extra_keys:
+            self.extras = SafetensorsStream(self.extras_path, list(job.extra_keys))
 
     # -- the protocol ------------------------------------------------------------------------------------
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
-        from lowrank_methods.formats.writers_tmp import merged_factors
-
         factors = merged_factors(result, module, "a model")
         if factors.rank == 0:  # nothing to add: the base weight is copied unchanged
             return
@@ -259,13 +243,11 @@ class FullModelWriter:
         self.extras.add(key, tensor)
         self.replaced.add(key)
 
-    def finish(self, config: dict) -> Path:
+    def finish(self, config: dict) -> None:
         extras = None
         if self.extras is not None:
             self.extras.close()
             self.extras = None
-            from lowrank_methods.formats.safetensors_io import SafetensorsFile
-
             extras = SafetensorsFile(self.extras_path)
         by_target = {self.extra_targets[k]: k for k in self.replaced}
         items = [self._planned(t, by_target.get(t.name)) for t in self.checkpoint.tensors.values()]
@@ -286,16 +268,11 @@ class FullModelWriter:
         self._copy_metadata()
         if self.extras_path.exists():
             self.extras_path.unlink()
-        return self.path
 
     def abort(self) -> None:
         if self.extras is not None:
             self.extras.discard()
             self.extras = None
-        self.stage.abort()
-
-    def commit(self) -> Path:
-        return self.stage.commit()
 
     # -- streaming -----------------------------------------------------------------------------------------
     def _planned(self, t: BaseTensor, extra_key: str | None) -> "_Item":
@@ -306,31 +283,24 @@ class FullModelWriter:
         return _Item(t.name, t, dtype, nbytes, how, extra_key)
 
     def _write_shard(self, path: Path, shard: list["_Item"], extras) -> None:
-        from lowrank_methods.formats.safetensors_io import BITS
-
         order = sorted(shard, key=lambda i: -BITS[i.dtype])  # widest first: every tensor starts aligned
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header, offset = {}, 0
         for item in order:
             header[item.name] = {"dtype": item.dtype, "shape": list(item.base.shape),
                                  "data_offsets": [offset, offset + item.nbytes]}
             offset += item.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
         with open(path, "wb") as out:
-            out.write(len(blob).to_bytes(8, "little"))
-            out.write(blob)
+            out.write(encode_header(header, {"format": "pt"}))
             for item in order:
                 start = out.tell()
                 if item.how == "copy":
                     self.checkpoint.copy_bytes(item.base, out)
                 else:
-                    _write_tensor(out, self._tensor(item, extras))
+                    write_tensor(out, self._tensor(item, extras))
                 if out.tell() - start != item.nbytes:  # never a file whose header lies
                     raise RuntimeError(f"{item.name}: wrote {out.tell() - start} bytes, expected {item.nbytes}")
 
     def _tensor(self, item: "_Item", extras) -> torch.Tensor:
-        from lowrank_methods.formats.safetensors_io import DTYPES
-
         target = DTYPES[item.dtype]
         if item.how == "extra":
             return extras.read(item.extra_key).to(target)
@@ -355,7 +325,7 @@ class FullModelWriter:
             try:
                 data = json.loads(config.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise BaseModelError(f"{self.who}: config.json is not valid JSON ({one_line(str(e), 80)})") from None
+                raise BaseModelError(f"{self.who}: config.json is not valid JSON ({one_line(str(e), 80)})") from e
             if not isinstance(data, dict):
                 raise BaseModelError(f"{self.who}: config.json is not a JSON object")
             name = str(self.out_dtype).removeprefix("torch.")
@@ -396,11 +366,6 @@ def _shards(items: list[_Item], size: int) -> list[list[_Item]]:
     return shards
 
 
-def _write_tensor(out, tensor: torch.Tensor) -> None:
-    if tensor.numel():
-        out.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
 def _check_fits(layout: ModuleLayout, t: BaseTensor, module: str, who: str) -> None:
     m, n = layout.shape
     if layout.kind == "conv":
@@ -414,24 +379,6 @@ def _check_fits(layout: ModuleLayout, t: BaseTensor, module: str, who: str) -> N
     if t.dtype not in FLOATS:
         raise BaseModelError(f"{short(t.name, 80)} is {t.dtype} in the {who}; output: model adds ΔW to float16, bfloat16, "
                              "float32 or float64 weights only (not quantized ones)", module=module)
-
-
-def _check_recipe_fields(recipe) -> None:
-    """The recipe fields mergekit's planner used to honour for output: model and this writer does not."""
-    from lowrank_methods.pipeline.recipe import load_yaml
-
-    data = load_yaml(recipe.text) if recipe.text else {}
-    if not isinstance(data, dict):
-        return
-    source = data.get("tokenizer_source")
-    if source not in (None, "base") or data.get("tokenizer") is not None or data.get("chat_template") is not None:
-        raise BaseModelError("output: model copies the base model's tokenizer unchanged; remove tokenizer_source, "
-                             "tokenizer and chat_template from the recipe")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-            "float64": torch.float64}[name]
 
 
 def _matches(name: str, patterns) -> bool:

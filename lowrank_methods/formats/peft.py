@@ -1,4 +1,4 @@
-"""LoRA factors and lazy, per-module reading of PEFT adapters.
+"""The PEFT LoRA format: its tensor keys, lazy per-module reading (``AdapterSource``), writing (``AdapterWriter``).
 
 Every module of every adapter comes out as ``LoraFactors(A, B)`` with ``ΔW = B @ A`` in the base
 weight's own layout and the LoRA scale already folded into ``B``:
@@ -9,7 +9,9 @@ weight's own layout and the LoRA scale already folded into ``B``:
     embedding:         ΔW = (B_emb A_emb)^T             -> B_emb^T,      s·A_emb^T
     convolution:       A (r, in, *k), B (out, r, 1..)   -> A.flatten(1), s·B.flatten(1)
 
-``ModuleLayout`` remembers how to go back, so a writer can emit PEFT tensors again.
+``ModuleLayout`` remembers how to go back, so a writer can emit PEFT tensors again. Keys are
+``base_model.model.<module>.<part>``: ``tensor_key``, ``split_lora_key`` and the helpers beside them are the only
+place the package spells them out.
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ from typing import Iterable, Literal
 
 import torch
 
-from lowrank_methods.core.types import LoraFactors
-from lowrank_methods.formats.peft_config import UNSUPPORTED_OPTIONS, AdapterConfig, parse_adapter_config, read_adapter_config
+from lowrank_methods.core.types import LoraFactors, ModuleResult
+from lowrank_methods.formats.peft_config import (CONFIG_FILE, UNSUPPORTED_OPTIONS, AdapterConfig, parse_adapter_config,
+                                                 read_adapter_config, written_config)
 from lowrank_methods.formats.peft_config import check_config as _check_config
 from lowrank_methods.core.errors import AdapterError, CorruptAdapterError, MergeError, UnsupportedAdapterError, short
-from lowrank_methods.formats.safetensors_io import DTYPE_NAMES, SafetensorsFile
+from lowrank_methods.formats.safetensors_io import DTYPE_NAMES, SafetensorsFile, SafetensorsStream
+from lowrank_methods.formats.writer import OutputJob, merged_factors
 
+PREFIX = "base_model.model."  # what PEFT's save_pretrained puts before every module name
+LINEAR_PARTS = ("lora_A.weight", "lora_B.weight")  # the tensors of a module, after its name
+EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
+LORA_PARTS = LINEAR_PARTS + EMBEDDING_PARTS
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
     r"(?:\.(?P<name>[^.]+))?$"
@@ -38,8 +46,38 @@ LORA_KEY = re.compile(
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what PEFT trains and saves
 
-__all__ = ["AdapterSource", "LoraFactors", "ModuleLayout", "SafetensorsFile", "UNSUPPORTED_OPTIONS", "check_compatible",
-           "check_config", "LORA_KEY", "ADAPTER_FILES"]
+__all__ = ["AdapterSource", "AdapterWriter", "LoraFactors", "ModuleLayout", "SafetensorsFile", "UNSUPPORTED_OPTIONS",
+           "check_compatible", "check_config", "LORA_KEY", "LORA_PARTS", "ADAPTER_FILES", "tensor_key", "split_lora_key",
+           "base_name", "saved_key", "saved_module"]
+
+
+# -- tensor keys ----------------------------------------------------------------------------------------------
+def tensor_key(module: str, part: str) -> str:
+    """The key PEFT saves a module's tensor under: ``tensor_key("model.q", "lora_A.weight")`` is
+    ``base_model.model.model.q.lora_A.weight``."""
+    return f"{PREFIX}{module}.{part}"
+
+
+def split_lora_key(key: str) -> tuple[str, str] | None:
+    """(module, part) of a LoRA tensor key, part one of lora_A, lora_B, lora_embedding_A, lora_embedding_B (the
+    prefix, an adapter name and ``.weight`` may be there or not); None for any other tensor."""
+    m = LORA_KEY.match(key.removesuffix(".weight"))
+    return (m["module"], m["part"]) if m else None
+
+
+def base_name(key: str) -> str:
+    """The base model's own name for an adapter key (or a PeftModel's module name): without PEFT's prefix."""
+    return key.removeprefix(PREFIX)
+
+
+def saved_key(name: str) -> str:
+    """The key an adapter saves the base tensor ``name`` under when it carries it whole (modules_to_save)."""
+    return f"{PREFIX}{name}"
+
+
+def saved_module(key: str) -> str:
+    """The module a tensor carried whole (modules_to_save) belongs to: ``…lm_head.weight`` -> ``lm_head``."""
+    return base_name(key).removesuffix(".weight").removesuffix(".bias")
 
 
 @dataclass(frozen=True)
@@ -51,17 +89,22 @@ class ModuleLayout:
     fan_in_fan_out: bool = False
     kernel: tuple[int, ...] = ()  # trailing dims of a convolution's lora_A
 
+    @property
+    def transposed(self) -> bool:
+        """PEFT stores ΔW transposed for this module: ΔW = (B A)^T (embeddings, fan_in_fan_out linears)."""
+        return self.kind == "embedding" or self.fan_in_fan_out
+
     def peft_tensors(self, f: LoraFactors) -> dict[str, torch.Tensor]:
         """Factors with scale 1 -> PEFT tensor suffixes (inverse of the normalisation above)."""
         A, B = f.A, f.B
         if self.kind == "embedding":
-            return {"lora_embedding_A": B.T.contiguous(), "lora_embedding_B": A.T.contiguous()}
+            return dict(zip(EMBEDDING_PARTS, (B.T.contiguous(), A.T.contiguous())))
         if self.kind == "conv":
             ones = (1,) * len(self.kernel)
             A, B = A.reshape(A.shape[0], -1, *self.kernel), B.reshape(*B.shape, *ones)
         elif self.fan_in_fan_out:
             A, B = B.T, A.T
-        return {"lora_A.weight": A.contiguous(), "lora_B.weight": B.contiguous()}
+        return dict(zip(LINEAR_PARTS, (A.contiguous(), B.contiguous())))
 
 
 @dataclass
@@ -110,13 +153,14 @@ class AdapterSource:
                 raise UnsupportedAdapterError(f"{UNSUPPORTED_OPTIONS['use_dora']} (found {short(key, 80)})", adapter=name)
             if ".lora_B.bias" in key or ".lora_A.bias" in key:
                 raise UnsupportedAdapterError(f"{UNSUPPORTED_OPTIONS['lora_bias']} (found {short(key, 80)})", adapter=name)
-            m = LORA_KEY.match(key.removesuffix(".weight"))
-            if m:
-                parts = keys.setdefault(m["module"], {})
-                if m["part"] in parts:  # e.g. x.lora_A.weight and x.lora_A.default.weight: which one is meant?
-                    raise CorruptAdapterError(f"has two {m['part']} tensors ({short(parts[m['part']], 80)} and "
-                                              f"{short(key, 80)})", adapter=name, module=m["module"])
-                parts[m["part"]] = key
+            lora = split_lora_key(key)
+            if lora:
+                module, part = lora
+                parts = keys.setdefault(module, {})
+                if part in parts:  # e.g. x.lora_A.weight and x.lora_A.default.weight: which one is meant?
+                    raise CorruptAdapterError(f"has two {part} tensors ({short(parts[part], 80)} and "
+                                              f"{short(key, 80)})", adapter=name, module=module)
+                parts[part] = key
             else:
                 extra.append(key)
         for module, parts in keys.items():
@@ -240,7 +284,7 @@ class AdapterSource:
                                           adapter=self.name, module=module)
         s = self.scale(module)
         a, b = a.to(dtype), b.to(dtype)
-        if layout.kind == "embedding" or layout.fan_in_fan_out:
+        if layout.transposed:
             return LoraFactors(b.T, s * a.T)
         return LoraFactors(a.flatten(1), s * b.flatten(1))
 
@@ -249,6 +293,67 @@ class AdapterSource:
         """The stored dtype of the factors (of the first module's A; from the header, no data read)."""
         parts = next(iter(self.keys.values()))
         return self.dtype_of(parts.get("lora_A") or parts["lora_embedding_A"])
+
+
+class AdapterWriter:
+    """Streams merged modules into a flat PEFT adapter in ``job.path``, as vLLM and ``PeftModel.from_pretrained``
+    read it: ``tensor_key`` keys with no adapter name, and ``peft_config.written_config`` (scale 1)."""
+
+    def __init__(self, job: OutputJob):
+        self.path = job.path
+        self.dtype = job.dtype
+        names = [tensor_key(m, p) for m in job.modules for p in LINEAR_PARTS] + list(job.extra_keys)
+        self.stream = SafetensorsStream(self.path / ADAPTER_FILES[0], names)
+        self.ranks: dict[str, int] = {}
+        self.saved_modules: list[str] = []
+
+    def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
+        factors = merged_factors(result, module, "an adapter")
+        if factors.rank == 0:  # nothing to add here: leave the module out of the adapter
+            return
+        for part, tensor in layout.peft_tensors(factors).items():
+            self.stream.add(tensor_key(module, part), tensor.to(self.dtype))
+        self.ranks[module] = factors.rank
+
+    def add_extra(self, key: str, tensor: torch.Tensor, module: str) -> None:
+        """A full tensor carried over unchanged (modules_to_save)."""
+        self.stream.add(key, tensor)
+        if module not in self.saved_modules:
+            self.saved_modules.append(module)
+
+    def finish(self, config: dict) -> None:
+        self.stream.close()
+        text = json.dumps(written_config(self.ranks, config, self.saved_modules), indent=2, allow_nan=False)
+        (self.path / CONFIG_FILE).write_text(text + "\n")
+
+    def abort(self) -> None:
+        self.stream.discard()
+
+
+@dataclass
+class LiveLora:
+    """One LoRA layer of a loaded PeftModel, for one adapter: its A-like and B-like parameters (the rank is dim 0
+    of the first and dim 1 of the second, as ``ModuleLayout.peft_tensors`` orders them) and its scaling."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    merged: bool
+
+
+def live_loras(model, adapter: str) -> dict[str, LiveLora]:
+    """The LoRA layers of the PeftModel ``model`` that hold ``adapter``, by the base model's module name."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and (adapter in layer.lora_A or adapter in layer.lora_embedding_A):
+            if adapter in layer.lora_embedding_A:
+                A, B = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+            else:
+                A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            found[base_name(name)] = LiveLora(A, B, layer.scaling[adapter], layer.merged)
+    return found
 
 
 def check_config(config: dict, name: str) -> None:
@@ -284,14 +389,14 @@ def _pickle_state(path: Path, name: str | None = None) -> dict[str, torch.Tensor
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise CorruptAdapterError(f"{path.name} holds objects other than tensors; it was not loaded (weights_only)",
-                                      adapter=name) from None
+                                      adapter=name) from e
         raise CorruptAdapterError(f"{path.name} is not a readable PyTorch checkpoint; the file is corrupt or truncated",
-                                  adapter=name) from None
+                                  adapter=name) from e
     except OSError as e:
-        raise AdapterError(f"cannot read {path.name} ({e.strerror or type(e).__name__})", adapter=name) from None
+        raise AdapterError(f"cannot read {path.name} ({e.strerror or type(e).__name__})", adapter=name) from e
     except Exception:  # zip errors, EOFError, KeyError, …: torch's own messages are long and multi-line
         raise CorruptAdapterError(f"{path.name} is not a readable PyTorch checkpoint; the file is corrupt or truncated",
-                                  adapter=name) from None
+                                  adapter=name)
     if not isinstance(state, dict):
         raise CorruptAdapterError(f"{path.name} holds a {type(state).__name__}, not a dict of tensors", adapter=name)
     for key, value in state.items():

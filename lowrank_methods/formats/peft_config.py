@@ -21,6 +21,9 @@ for (backreferences, lookaround, atomic groups, possessive quantifiers).
 Python's ``\\w``, ``\\d``, ``\\s``, ``\\b`` and case-insensitive matching follow its Unicode tables; the RE2 form
 reproduces them exactly on ASCII module names (every real module name), and a module name outside ASCII
 meeting such a key is refused with one line rather than matched by guesswork.
+
+``written_config`` builds the adapter_config.json of an adapter this tool writes (merged, rebuilt from a bundle,
+or a full model's PT-SVD delta): scale 1 everywhere, and ``exact_pattern`` keys where module ranks differ.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def read_adapter_config(path: str | Path, *, adapter: str | None = None) -> tupl
         with open(file, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise AdapterError(f"cannot read {file.name} ({e.strerror or type(e).__name__})", adapter=adapter) from None
+        raise AdapterError(f"cannot read {file.name} ({e.strerror or type(e).__name__})", adapter=adapter) from e
     return parse_adapter_config(raw, adapter=adapter, filename=file.name)
 
 
@@ -141,15 +144,15 @@ def parse_adapter_config(raw: bytes, *, adapter: str | None = None,
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise corrupt(f"is not UTF-8 text (bad byte at offset {e.start}); re-save the adapter with PEFT") from None
+        raise corrupt(f"is not UTF-8 text (bad byte at offset {e.start}); re-save the adapter with PEFT") from e
     try:
         data = json.loads(text, parse_int=_parse_int)
     except _TooManyDigits as e:
-        raise corrupt(f"holds a number with {e.args[0]} digits") from None
+        raise corrupt(f"holds a number with {e.args[0]} digits") from e
     except json.JSONDecodeError as e:
-        raise corrupt(f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); re-save the adapter with PEFT") from None
+        raise corrupt(f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); re-save the adapter with PEFT") from e
     except RecursionError:
-        raise corrupt("nests JSON too deeply to be an adapter config") from None
+        raise corrupt("nests JSON too deeply to be an adapter config")
     if not isinstance(data, dict):
         raise corrupt(f"holds a JSON {_json_kind(data)}, not an object; is it a PEFT adapter config?")
     check_config(data, adapter)
@@ -160,7 +163,7 @@ def parse_adapter_config(raw: bytes, *, adapter: str | None = None,
     try:
         config = AdapterConfig.model_validate(data)
     except ValidationError as e:
-        raise corrupt(_validation_line(e)) from None
+        raise corrupt(_validation_line(e)) from e
     config._rank_table = PatternTable("rank_pattern", config.rank_pattern or {}, adapter=adapter, filename=filename)
     config._alpha_table = PatternTable("alpha_pattern", config.alpha_pattern or {}, adapter=adapter, filename=filename)
     return config, data
@@ -279,7 +282,7 @@ class PatternTable:
             module.encode("utf-8")
         except UnicodeEncodeError:
             raise AdapterError(f"module name {short(module)} is not valid text; the adapter file is corrupt",
-                               adapter=self.adapter) from None
+                               adapter=self.adapter)
         ascii_module = module.isascii()
         for first, union, entries in self.blocks:
             if best is not None and first > best:
@@ -340,12 +343,12 @@ def compile_pattern_key(key: str, *, field: str = "rank_pattern", adapter: str |
                 warnings.simplefilter("ignore")  # FutureWarning on "[[" and the like: Python's reading is kept
                 tree = _sre_parse.parse(f"{prefix}{key})$", 0)
         except RecursionError:
-            raise refuse("nests too deeply to be a regular expression") from None
+            raise refuse("nests too deeply to be a regular expression")
         except Exception as e:  # re.error, OverflowError, …: PEFT's re.match would raise the same
             msg = getattr(e, "msg", None) or str(e) or type(e).__name__
             pos = getattr(e, "pos", None)
             where = f" at position {pos - len(prefix)}" if isinstance(pos, int) and pos >= len(prefix) else ""
-            raise refuse(f"is not a valid regular expression ({msg}{where}); PEFT could not load this adapter") from None
+            raise refuse(f"is not a valid regular expression ({msg}{where}); PEFT could not load this adapter") from e
         literal = _literal_key(tree)
         if literal is not None:
             return literal
@@ -353,9 +356,9 @@ def compile_pattern_key(key: str, *, field: str = "rank_pattern", adapter: str |
             text = ctx.emit(tree.data, tree.state.flags)
         except _Unsupported as e:
             raise refuse(f"uses {e.args[0]}, which linear-time matching (re2) cannot express; "
-                         "list the module names instead") from None
+                         "list the module names instead") from e
         except RecursionError:
-            raise refuse("nests too deeply to be a regular expression") from None
+            raise refuse("nests too deeply to be a regular expression")
     if validate_only:
         return text, ctx.ascii_only
     return _re2_compile(key, text, field, adapter, filename), ctx.ascii_only
@@ -369,7 +372,7 @@ def _re2_compile(key: str, text: str, field: str, adapter: str | None, filename:
         if isinstance(detail, bytes):
             detail = detail.decode("utf-8", "replace")
         raise CorruptAdapterError(one_line(f"{filename}: {field} key {short(key, 80)} is too complex for linear-time "
-                                           f"matching (re2: {short(str(detail), 60)})", 260), adapter=adapter) from None
+                                           f"matching (re2: {short(str(detail), 60)})", 260), adapter=adapter) from e
 
 
 # -- Python regex parse tree -> RE2 syntax ----------------------------------------------------------------
@@ -494,6 +497,51 @@ class _Translation:
         if len(_ASCII_CLASS_CACHE) < 4096:
             _ASCII_CLASS_CACHE[cache_key] = out
         return out
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+def written_config(ranks: dict[str, int], source: dict, modules_to_save: list[str]) -> dict:
+    """The adapter_config.json of an adapter we write: ``r == lora_alpha`` (scale 1, every input scale folded into
+    the factors), ``rank_pattern``/``alpha_pattern`` for the modules whose rank is not the largest; the task type,
+    base model, revision and fan_in_fan_out come from ``source`` (an input's config)."""
+    r = max(ranks.values(), default=1)
+    pattern = {exact_pattern(m): k for m, k in ranks.items() if k != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": source.get("task_type"),
+        "base_model_name_or_path": source.get("base_model_name_or_path"),
+        "revision": source.get("revision"),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": bool(source.get("fan_in_fan_out", False)),
+        "modules_to_save": modules_to_save or None,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "peft_version": _peft_version(),
+    }
+
+
+def exact_pattern(module: str) -> str:
+    """A rank_pattern key that PEFT (``re.match(rf"(.*\\.)?({key})$", name)``) matches to this module's name: the
+    name with every regex character escaped."""
+    return re.escape(module)
+
+
+def _peft_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("peft")
+    except Exception:
+        return None
 
 
 def peft_pattern_key(keys, module: str) -> str:

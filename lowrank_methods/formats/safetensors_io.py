@@ -18,7 +18,11 @@ every other file with one ``CorruptAdapterError`` line naming the file and what 
 * what torch must hold: a dtype torch has (F6_* have none), dimensions below 2^63, F4 with an even last dimension.
 
 Reads are positioned (``os.preadv``) rather than mmapped: pages of modules already merged never stay mapped into
-the process, so peak memory is bounded by the modules in flight, not by the file size.
+the process, so peak memory is bounded by the modules in flight, not by the file size. ``read_all(raw, name)`` reads
+a file already in memory (a bundle, whose bytes were checksummed) with the same checks.
+
+Writing: ``SafetensorsStream`` writes a file tensor by tensor; ``encode_header`` and ``write_tensor`` are its two
+halves, for a writer that knows every tensor's size up front (the full-model shards).
 """
 
 from __future__ import annotations
@@ -66,36 +70,17 @@ class SafetensorsFile:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
-            raise AdapterError(f"cannot read {self.path.name} ({e.strerror or type(e).__name__})", adapter=adapter) from None
+            raise AdapterError(f"cannot read {self.path.name} ({e.strerror or type(e).__name__})", adapter=adapter) from e
         try:
             st = os.fstat(fd)
             self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            size = st.st_size
-            if size < 8:
-                raise self._corrupt(f"is {size} bytes long, too short for a safetensors header", TRUNCATED)
-            n = int.from_bytes(_pread_exact(fd, 8, 0), "little")
-            if n > MAX_HEADER_SIZE:
-                raise self._corrupt(f"declares a {n:,}-byte header, over safetensors' limit of {MAX_HEADER_SIZE:,}")
-            if 8 + n > size:
-                raise self._corrupt(f"declares a {n:,}-byte header but is only {size:,} bytes long", TRUNCATED)
-            raw = _pread_exact(fd, n, 8)
+            self.metadata, self.entries, self.data_start = _layout(st.st_size, lambda n, at: _pread_exact(fd, n, at))
         except _HeaderError as e:
-            raise self._corrupt(*e.args) from None
+            raise self._corrupt(*e.args) from e
         except OSError as e:
-            raise AdapterError(f"cannot read {self.path.name} ({e.strerror or type(e).__name__})", adapter=adapter) from None
+            raise AdapterError(f"cannot read {self.path.name} ({e.strerror or type(e).__name__})", adapter=adapter) from e
         finally:
             os.close(fd)
-        try:
-            self.metadata, self.entries = parse_header(raw)
-            data_len = check_layout(self.entries)
-        except _HeaderError as e:
-            raise self._corrupt(*e.args) from None
-        self.data_start = 8 + n
-        actual = size - self.data_start
-        if actual < data_len:
-            raise self._corrupt(f"has {actual:,} bytes of tensor data where its header lists {data_len:,}", TRUNCATED)
-        if actual > data_len:
-            raise self._corrupt(f"has {actual - data_len:,} bytes after its last tensor")
 
     def _corrupt(self, what: str, advice: str = CORRUPT) -> CorruptAdapterError:
         return CorruptAdapterError(one_line(f"{self.path.name}: {what}; {advice}", 250), adapter=self.adapter)
@@ -121,7 +106,7 @@ class SafetensorsFile:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise AdapterError(f"cannot read {self.path.name} ({e.strerror or type(e).__name__})",
-                               adapter=self.adapter) from None
+                               adapter=self.adapter) from e
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
@@ -135,11 +120,52 @@ class SafetensorsFile:
                 done += got
         except OSError as e:
             raise AdapterError(f"cannot read {self.path.name} ({e.strerror or type(e).__name__})",
-                               adapter=self.adapter) from None
+                               adapter=self.adapter) from e
         finally:
             os.close(fd)
-        raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-        return raw.view(DTYPES[entry["dtype"]]).reshape(_torch_shape(entry))
+        return _as_tensor(buf, entry)
+
+
+def read_all(raw: bytes, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file whose bytes are ``raw`` (``name`` in errors), after the checks
+    ``SafetensorsFile`` makes of a file on disk; one ``CorruptAdapterError`` line otherwise."""
+
+    def read_at(n: int, at: int) -> bytes:
+        return raw[at:at + n]  # _layout checks every length against len(raw) before it reads
+
+    try:
+        _, entries, start = _layout(len(raw), read_at)
+    except _HeaderError as e:
+        what, advice = (*e.args, CORRUPT)[:2]
+        raise CorruptAdapterError(one_line(f"{name}: {what}; {advice}", 250)) from e
+    return {key: _as_tensor(bytearray(raw[start + e["data_offsets"][0]:start + e["data_offsets"][1]]), e)
+            for key, e in entries.items()}
+
+
+def _layout(size: int, read_at) -> tuple[dict[str, str] | None, dict[str, dict], int]:
+    """(metadata, entries, where the data starts) of a ``size``-byte file read through ``read_at(n, offset)``;
+    raises _HeaderError on anything safetensors refuses."""
+    if size < 8:
+        raise _HeaderError(f"is {size} bytes long, too short for a safetensors header", TRUNCATED)
+    n = int.from_bytes(read_at(8, 0), "little")
+    if n > MAX_HEADER_SIZE:
+        raise _HeaderError(f"declares a {n:,}-byte header, over safetensors' limit of {MAX_HEADER_SIZE:,}")
+    if 8 + n > size:
+        raise _HeaderError(f"declares a {n:,}-byte header but is only {size:,} bytes long", TRUNCATED)
+    metadata, entries = parse_header(read_at(n, 8))
+    data_len = check_layout(entries)
+    actual = size - 8 - n
+    if actual < data_len:
+        raise _HeaderError(f"has {actual:,} bytes of tensor data where its header lists {data_len:,}", TRUNCATED)
+    if actual > data_len:
+        raise _HeaderError(f"has {actual - data_len:,} bytes after its last tensor")
+    return metadata, entries, 8 + n
+
+
+def _as_tensor(buf: bytearray, entry: dict) -> torch.Tensor:
+    """A tensor's bytes as the tensor (sharing ``buf``, which it then owns)."""
+    raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    return raw.view(DTYPES[entry["dtype"]]).reshape(_torch_shape(entry))
 
 
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
@@ -319,7 +345,7 @@ def _check_text(s: str) -> None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        raise _HeaderError(f"header holds a lone surrogate escape in {short(s, 40)}") from None
+        raise _HeaderError(f"header holds a lone surrogate escape in {short(s, 40)}")
 
 
 def parse_header(raw: bytes) -> tuple[dict[str, str] | None, dict[str, dict]]:
@@ -327,16 +353,16 @@ def parse_header(raw: bytes) -> tuple[dict[str, str] | None, dict[str, dict]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _HeaderError(f"header is not valid UTF-8 (byte {e.start})") from None
+        raise _HeaderError(f"header is not valid UTF-8 (byte {e.start})") from e
     if text.startswith("\ufeff"):
         raise _HeaderError("header starts with a byte-order mark")
     try:
         root = json.loads(text, object_pairs_hook=_object, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_parse_constant)
     except json.JSONDecodeError as e:
-        raise _HeaderError(f"header is not valid JSON ({e.msg.removesuffix(' at')} at character {e.pos})") from None
+        raise _HeaderError(f"header is not valid JSON ({e.msg.removesuffix(' at')} at character {e.pos})") from e
     except RecursionError:
-        raise _HeaderError(f"header nests JSON more than {MAX_JSON_DEPTH} levels deep") from None
+        raise _HeaderError(f"header nests JSON more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(root, _Obj):
         raise _HeaderError(f"header is {_kind(root)}, not a JSON object")
     _check_tree(root, text)
@@ -436,5 +462,61 @@ def check_layout(entries: dict[str, dict]) -> int:
             try:
                 torch.empty(0, dtype=torch.uint8).view(DTYPES[dtype]).reshape(_torch_shape(entry))
             except (RuntimeError, ValueError, TypeError, OverflowError):
-                raise _HeaderError(f"{label} has shape {short(list(shape), 60)}, which torch cannot hold") from None
+                raise _HeaderError(f"{label} has shape {short(list(shape), 60)}, which torch cannot hold")
     return start
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+def encode_header(entries: dict[str, dict], metadata: dict[str, str], size: int | None = None) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file, padded with spaces to ``size`` bytes
+    (default: to the next multiple of 8, as safetensors itself writes it)."""
+    body = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    size = len(body) + -len(body) % 8 if size is None else size
+    if len(body) > size:  # more tensors than announced: never silently corrupt
+        raise RuntimeError("safetensors header overflow")
+    return size.to_bytes(8, "little") + body.ljust(size)
+
+
+def write_tensor(file, tensor: torch.Tensor) -> int:
+    """Append ``tensor``'s bytes (row-major, as safetensors stores them) to the binary ``file``; returns how many."""
+    data = tensor.detach().to("cpu").contiguous()
+    if not data.numel():
+        return 0
+    raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+    file.write(raw)
+    return raw.nbytes
+
+
+class SafetensorsStream:
+    """Write a safetensors file tensor by tensor, without holding them all in memory.
+
+    The header (8-byte little-endian length + JSON) comes first in the format, so space for it is
+    reserved up front from the known tensor names and filled in at close; safetensors allows the
+    header to be padded with spaces.
+    """
+
+    PER_TENSOR = 192  # generous bound on one header entry besides its name (dtype, 4-d shape, offsets)
+
+    def __init__(self, path: Path, names: list[str], metadata: dict[str, str] | None = None):
+        self.metadata = metadata or {"format": "pt"}
+        reserve = sum(len(json.dumps(n)) + self.PER_TENSOR for n in names) + len(json.dumps(self.metadata)) + 64
+        self.header_size = (reserve + 7) // 8 * 8
+        self.file = open(path, "wb")
+        self.file.seek(8 + self.header_size)
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = write_tensor(self.file, tensor)
+        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.offset, self.offset + n]}
+        self.offset += n
+
+    def close(self) -> None:
+        header = encode_header(self.entries, self.metadata, self.header_size)
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()

@@ -58,8 +58,10 @@ import torch
 from lowrank_methods.core.errors import ComputeError, MergeError, RecipeError, short
 from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.linalg import LowRankSVD, numerical_rank, truncate
-from lowrank_methods.core.method import MAX_MAGNITUDE, Method, MethodParams, get_method
-from lowrank_methods.core.rules import apply_rule, iso_c, iso_cts, tsv
+from lowrank_methods.core.method import Method, get_method
+from lowrank_methods.core.params import MAX_MAGNITUDE, MethodParams
+from lowrank_methods.core.rules import apply_rule, default_tsv_components, iso_c, iso_cts, tsv
+from lowrank_methods.core.types import MethodContext
 
 DENSE_OUTPUTS = (None, "model")  # `output: adapter` / `bundle` describe the adapter route's files
 
@@ -102,7 +104,7 @@ def merge_dense(method: Method | str, tensors: Sequence[torch.Tensor], weights: 
     if first.ndim != 2 or first.numel() == 0:
         update = _task_arithmetic(deltas, weights, params, method.name)
     else:
-        update = DENSE_FORMS[method.name](method, deltas, weights, params)
+        update = DENSE_FORMS[method.name](method, deltas, weights, params, MethodContext(name or ""))
     merged = update if theta0 is None else theta0 + update
     if not torch.isfinite(merged).all():
         raise ComputeError(f"{method.name}: the merged tensor is not finite (NaN or Inf); lower `lambda` or the "
@@ -116,17 +118,16 @@ def _validate(method: Method, values: dict, name: str | None) -> MethodParams:
     defaults, so a value equal to its field's default counts as unset; and since mergekit's generic callers pass one
     parameter set to every method declaring a name, a rule knob the chosen rule does not read is ignored with a
     warning (a recipe refuses it)."""
-    fields = {f.alias or n: f for n, f in method.params.model_fields.items()}
+    fields = {f.alias or n: f for n, f in method.fields.items()}
     values = {k: v for k, v in values.items() if k not in fields or not _is_default(v, fields[k].default)}
     values = _drop_other_rules_knobs(method, values, fields)
-    values["module"] = name or ""
     try:
         if method.name == "mtc" and values.get("rank") is None:
             # the adapter route refuses ties/dare without `rank` (it must size the adapter); a dense merge is exact
             return method.parse_params({**values, "rank": 1}).model_copy(update={"rank": None})
         return method.parse_params(values)
     except RecipeError as e:
-        raise RecipeError(e.message, module=name) from None
+        raise RecipeError(e.message, module=name) from e
 
 
 def _is_default(value, default) -> bool:
@@ -134,15 +135,13 @@ def _is_default(value, default) -> bool:
 
 
 def _drop_other_rules_knobs(method: Method, values: dict, fields: dict) -> dict:
-    from lowrank_methods.core import rules
-
-    knobs = getattr(rules, "RULE_KNOBS", None)
-    if knobs is None or "rule" not in fields:
+    if not method.variants:
         return values
     rule = values.get("rule", fields["rule"].default)
-    if rule not in knobs:
+    if rule not in method.variants:
         return values  # an unknown rule: parse_params says so
-    unused = sorted(k for k in values if k in set().union(*knobs.values()) and k not in knobs[rule])
+    every_knob = set().union(*(method.knobs_of(r) for r in method.variants))
+    unused = sorted(k for k in values if k in every_knob and k not in method.knobs_of(rule))
     if unused:
         warnings.warn(f"mergekit-lowrank: {method.name} with rule {rule!r} does not read {', '.join(unused)}; "
                       "ignored", stacklevel=2)
@@ -158,8 +157,6 @@ def _weight(w, method: str, name: str | None) -> float:
 
 
 def _check_rmm(params, weights: Sequence[float], name: str | None) -> None:
-    if params.lambda_ != 1.0:
-        raise RecipeError("rmm rebuilds each model as it was; lambda does not apply to it, remove it", module=name)
     if any(w <= 0 for w in weights):
         raise RecipeError(f"rmm weights are the tasks' importance and must be > 0, got {list(weights)}", module=name)
 
@@ -228,13 +225,13 @@ def _weighted_stack(deltas, weights) -> torch.Tensor:
     return torch.stack([w * d for d, w in zip(deltas, weights)])
 
 
-def _cat(method, deltas, weights, params):
+def _cat(method, deltas, weights, params, ctx):
     """cat, linear_factors: λ Σ_t w_t Δ_t. (For linear_factors, the weighted sum its factor averaging approximates:
     a dense update has no factors, and averaging some chosen split of it would be an arbitrary answer.)"""
     return params.lambda_ * _weighted_sum(deltas, weights)
 
 
-def _mtc(method, deltas, weights, params):
+def _mtc(method, deltas, weights, params, ctx):
     """Also the dense form of the aliases task_arithmetic and linear (rule ta, mergekit's defaults)."""
     if getattr(params, "rule", "ta") == "ta":  # every task counts: `normalize` divides by all weights, as mergekit
         scale = params.lambda_ / _weight_sum(weights) if params.normalize else params.lambda_
@@ -243,22 +240,22 @@ def _mtc(method, deltas, weights, params):
     deltas, weights = _present(deltas, weights)
     if not deltas:
         return zero
-    if params.rule in ("tsv", "iso_c", "iso_cts"):
-        k = params.tsv_components or max(1, min(deltas[0].shape) // len(deltas))
+    if params.rule == "tsv":
+        k = params.tsv_components or default_tsv_components(deltas[0].shape, len(deltas))
         params = params.model_copy(update={"tsv_components": k})
-    return best_rank(params.lambda_ * apply_rule(_weighted_stack(deltas, weights), params), params.rank)
+    return best_rank(params.lambda_ * apply_rule(_weighted_stack(deltas, weights), params, ctx), params.rank)
 
 
-def _tsv(method, deltas, weights, params):
+def _tsv(method, deltas, weights, params, ctx):
     """TSV-M: top-k triplets of each X_t, k = tsv_components or ⌊min(m,n)/T⌋; λ polar(U_cat) S_cat polar(V_cat)ᵀ."""
     kept, kw = _present(deltas, weights)
     if not kept:
         return torch.zeros_like(deltas[0])
-    k = params.tsv_components or max(1, min(kept[0].shape) // len(kept))
+    k = params.tsv_components or default_tsv_components(kept[0].shape, len(kept))
     return best_rank(params.lambda_ * tsv(_weighted_stack(kept, kw), k), params.rank)
 
 
-def _iso_c(method, deltas, weights, params):
+def _iso_c(method, deltas, weights, params, ctx):
     """Iso-C: Σ_t X_t = U S Vᵀ → λ mean(S) U Vᵀ over its nonzero spectrum."""
     kept, kw = _present(deltas, weights)
     if not kept:
@@ -266,7 +263,7 @@ def _iso_c(method, deltas, weights, params):
     return best_rank(params.lambda_ * iso_c(_weighted_stack(kept, kw)), params.rank)
 
 
-def _iso_cts(method, deltas, weights, params):
+def _iso_cts(method, deltas, weights, params, ctx):
     """Iso-CTS: common subspace of the sum + task-specific residual directions, orthogonalised, flat spectrum."""
     kept, kw = _present(deltas, weights)
     if not kept:
@@ -277,15 +274,15 @@ def _iso_cts(method, deltas, weights, params):
 def _on_factors(rank_of: Callable[[MethodParams], int | None]):
     """The factor method itself, on the SVD factors of each Δ_t (exact, or the top ``rank_of(params)`` components)."""
 
-    def form(method, deltas, weights, params):
+    def form(method, deltas, weights, params, ctx):
         r = rank_of(params)
-        result = method.fn([exact_factors(d, r) for d in deltas], weights, params)
+        result = method([exact_factors(d, r) for d in deltas], weights, params, ctx)
         return result.factors.dense()
 
     return form
 
 
-def _rmm(method, deltas, weights, params):
+def _rmm(method, deltas, weights, params, ctx):
     """rmm has no single-model form (its output is a bundle from which each task comes back): its dense form is
     the weighted average Σ_t w_t θ_t / Σ_t w_t (= θ_0 + Σ_t p_t Δ_t, whatever the base), the centre its weighted
     PCA would have on dense task vectors; p, center, gauge and svd_rank do not enter it."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowrank_methods.core.errors import RecipeError
+from lowrank_methods.mergekit_plugin.route import FULL_MODEL_METHODS
 
-FULL_MODEL_METHODS = ("lore",)
 
 
 def is_full_model_recipe(text: str) -> bool:
@@ -33,7 +33,7 @@ def mergekit_config(text: str):
 
     from lowrank_methods.pipeline.recipe import load_yaml
     from lowrank_methods.core.method import _one_line
-    from . import patch
+    from lowrank_methods.mergekit_plugin import patch
     from lowrank_methods.mergekit_plugin.route import check
 
     patch()  # idempotent: also where the start-up hook is not installed (e.g. a source checkout)
@@ -52,7 +52,7 @@ def run_full_model_merge(text: str, out: str | Path, *, overwrite: bool, device:
     from mergekit.options import MergeOptions
 
     from lowrank_methods.pipeline.staging import StagedOutput
-    from lowrank_methods.mergekit_plugin.patches import original
+    from lowrank_methods.mergekit_plugin.swap import original
 
     config = mergekit_config(text)
     inputs = tuple(Path(str(m.model.path)) for m in config.referenced_models() if Path(str(m.model.path)).exists())

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from lowrank_methods.formats.peft import AdapterSource
+from lowrank_methods.formats.peft import AdapterSource, saved_key
 from lowrank_methods.pipeline.recipe import AdapterRef
 
 HALF = (torch.float16, torch.bfloat16)
@@ -34,7 +34,7 @@ class DirectLoraLoader:
         weight = self.base.get_tensor(key, device=device, raise_on_missing=raise_on_missing)
         if weight is None:
             return None
-        saved = f"base_model.model.{key}"
+        saved = saved_key(key)
         if saved in self.adapter.extra_keys:  # modules_to_save: the adapter carries the whole tensor
             return self.adapter.read_raw(saved).to(device=device, dtype=weight.dtype)
         module = key.removesuffix(".weight")
@@ -62,7 +62,7 @@ def peft_delta(src: AdapterSource, module: str) -> torch.Tensor:
     if a.dtype in HALF or b.dtype in HALF:
         a, b = a.float(), b.float()
     product = b.flatten(1) @ a.flatten(1)
-    if "lora_embedding_A" in src.keys[module] or src.config.get("fan_in_fan_out"):
+    if src.layout(module).transposed:  # embeddings and fan_in_fan_out linears
         product = product.T
     return product * src.scale(module)
 

@@ -23,9 +23,7 @@ def mergekit_method(method):
 
     params = [ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0,
                             description="weight of this adapter (of this model's task vector)")]
-    for name, field in method.params.model_fields.items():
-        if name == "module":  # set per module by the engine, not a recipe parameter
-            continue
+    for name, field in method.fields.items():
         extra = {} if field.is_required() else {"default": field.default}
         params.append(ParameterSpec(field.alias or name, Any, ParameterScope.SHARED, description=field.description or "",
                                     **extra))
@@ -62,7 +60,7 @@ def register_methods() -> list[str]:
             added.append(method.name)
     if "lore" not in have:
         try:
-            from lowrank_methods.core.methods.lore import mergekit_method as lore_method
+            from lowrank_methods.mergekit_plugin.lore import mergekit_method as lore_method
 
             register(lore_method())
             added.append("lore")

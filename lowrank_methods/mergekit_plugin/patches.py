@@ -20,13 +20,14 @@ import hashlib
 import inspect
 import warnings
 
+from lowrank_methods.mergekit_plugin.swap import original, replace
+
 # "module:qualname" of each replaced function -> sha256 of its source in mergekit 0.1.5
 REPLACED = {
     "mergekit.merge:run_merge": "4456933bae68952d5f8afa38c7ff06727261c5a6330d3b82e476f9b3817c0067",
     "mergekit.io.tasks:LoaderCache.get": "814bddf2f136ee78ba12a7bcda04594d626fd0f5142128cbebc0e12f6085bee1",
     "mergekit.merge:_get_donor_model": "349c86d95e11a7de4829befa582a969006fa207a7bc260272a7fdbb900c8a6db",
 }
-_MARK = "__lowrank_methods_original__"
 
 
 def install_patches() -> None:
@@ -35,21 +36,15 @@ def install_patches() -> None:
 
     from mergekit.io.tasks import LoaderCache
 
-    from . import route
+    from lowrank_methods.mergekit_plugin import route
 
     merge = importlib.import_module("mergekit.merge")  # not `import mergekit.merge`: the package attribute
-    _replace(merge, "run_merge", route.run_merge)      # is set only after the hook's exec_module returns
-    _replace(LoaderCache, "get", _loader_cache_get)
-    _replace(merge, "_get_donor_model", _get_donor_model)
+    replace(merge, "run_merge", route.run_merge)      # is set only after the hook's exec_module returns
+    replace(LoaderCache, "get", _loader_cache_get)
+    replace(merge, "_get_donor_model", _get_donor_model)
     for name in stale_patches():
         warnings.warn(f"mergekit-lowrank: mergekit's {name} is not the 0.1.5 code this plugin patches; "
                       "results may be wrong, install mergekit==0.1.5", stacklevel=2)
-
-
-def original(owner, name: str):
-    """The mergekit function a patch replaced (the function itself when unpatched)."""
-    fn = getattr(owner, name)
-    return getattr(fn, _MARK, fn)
 
 
 def stale_patches() -> list[str]:
@@ -70,14 +65,6 @@ def stale_patches() -> list[str]:
 
 def source_digest(fn) -> str:
     return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
-
-
-def _replace(owner, name: str, replacement) -> None:
-    current = getattr(owner, name)
-    if hasattr(current, _MARK):
-        return
-    setattr(replacement, _MARK, current)
-    setattr(owner, name, replacement)
 
 
 # -- patch 2: replaces LoaderCache.get (mergekit/io/tasks.py), which calls ModelReference.merged -------------

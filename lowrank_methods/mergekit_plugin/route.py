@@ -3,7 +3,7 @@
 1. Check the recipe before anything is downloaded or loaded: the method name (with a suggestion), and the
    parameters (all of them for our methods; names and plain values for mergekit's own).
 2. Our methods run on our engine: ``output: adapter`` (or ``bundle``) writes what ``mergekit-lowrank merge``
-   writes; ``output: model`` writes ``W0 + ΔW*`` with our own full-model writer (``full_model_writer.py``, the same
+   writes; ``output: model`` writes ``W0 + ΔW*`` with our own full-model writer (``formats/full_model.py``, the same
    bytes as ``mergekit-lowrank merge``; ``--out-shard-size``, ``--copy-tokenizer``, ``--num-threads`` honoured), for
    any architecture. Either way the output is staged and committed as ``staging.py`` says: a previous output of ours
    is replaced (mergekit-yaml has no ``--overwrite``), nothing else ever is; SIGTERM/SIGHUP clean up like Ctrl-C;
@@ -22,12 +22,14 @@ from pathlib import Path
 
 from lowrank_methods.core.errors import MergeError
 
+FULL_MODEL_METHODS = ("lore",)  # dense methods that only mergekit runs (its planner, loader and writer)
+
 
 def run_merge(merge_config, out_path: str, options, config_source: str | None = None):
     import mergekit.merge
 
     from lowrank_methods.pipeline.interrupts import terminate_as_interrupt
-    from lowrank_methods.mergekit_plugin.patches import original
+    from lowrank_methods.mergekit_plugin.swap import original
 
     try:
         recipe = check(merge_config, config_source)
@@ -48,7 +50,6 @@ def check(merge_config, config_source: str | None = None):
     from lowrank_methods.pipeline.recipe import parse_recipe
     from lowrank_methods.core.method import list_methods
 
-    from lowrank_methods.mergekit_plugin.dense_run import FULL_MODEL_METHODS
 
     name = merge_config.merge_method
     ours = {m.name for m in list_methods() if m.in_mergekit}
@@ -149,7 +150,7 @@ def _check_stock_parameters(spec, merge_config, strict: bool = False) -> None:
                 try:
                     TypeAdapter(specs[key].value_type).validate_python(value)
                 except ValidationError as e:
-                    raise MergeError(f"{where}: bad value for {key!r} of method {spec.name!r}: {_one_line(e)}") from None
+                    raise MergeError(f"{where}: bad value for {key!r} of method {spec.name!r}: {_one_line(e)}") from e
 
 
 def _merge_to_adapter(recipe, out_path: str, options):
@@ -161,7 +162,7 @@ def _merge_to_adapter(recipe, out_path: str, options):
 
 
 def _merge_to_model(recipe, merge_config, out_path: str, options, config_source: str | None):
-    """``W0 + ΔW*`` written by our full-model writer (``full_model_writer.py``), the same files as ``mergekit-lowrank
+    """``W0 + ΔW*`` written by our full-model writer (``formats/full_model.py``), the same files as ``mergekit-lowrank
     merge`` writes for the recipe (mergekit's planner is not used: it cannot plan every architecture, e.g. BertModel
     in 0.1.5). mergekit's ``--out-shard-size`` and ``--copy-tokenizer/--no-copy-tokenizer`` are honoured; the output
     is always safetensors. Plus ``mergekit_config.yml``, as mergekit writes it."""

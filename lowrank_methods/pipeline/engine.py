@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lowrank_methods.core.errors import ComputeError, MergeError, short
-from lowrank_methods.formats.peft import AdapterSource, ModuleLayout, check_compatible
-from lowrank_methods.core.types import LoraFactors
+from lowrank_methods.formats.peft import AdapterSource, ModuleLayout, check_compatible, saved_module
+from lowrank_methods.core.types import LoraFactors, MethodContext
 from lowrank_methods.pipeline.recipe import Recipe
 from lowrank_methods.core.types import ModuleResult
 
@@ -105,7 +105,7 @@ def resolve_device(device: str) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError:
-        raise MergeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+        raise MergeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
 
 
 def open_sources(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | None = None
@@ -145,6 +145,7 @@ def prepare(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | None 
             except MergeError as e:
                 e.module = e.module or module
                 raise
+    recipe.check_output_fields()
     return Prepared(recipe, sources, base, plan)
 
 
@@ -193,8 +194,8 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
                writer_options: dict | None = None) -> MergeReport:
     """The streaming loop: every module merged (``threads`` at once on the CPU) and handed to the writer in plan
     order, which writes into ``stage.path``."""
+    from lowrank_methods.pipeline.outputs import open_writer
     from lowrank_methods.pipeline.threads import device_scope, intra_op_threads, pinned_device, plan_threads
-    from lowrank_methods.formats.writers_tmp import open_writer
 
     recipe, sources, base, plan = ready.recipe, ready.sources, ready.base, ready.plan
     first = sources[0].config
@@ -207,8 +208,8 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
     )
     out_dtype = DTYPES[recipe.dtype] if recipe.dtype else sources[0].dtype
     extras = _carried_tensors(sources)
-    writer = open_writer(recipe, stage, plan, sources, extra_keys=list(extras), dtype=out_dtype,
-                         base=base, **(writer_options or {}))  # base, writer_options: output: model (full_model_writer.py)
+    writer = open_writer(ready, stage, extra_keys=list(extras), dtype=out_dtype,
+                         **(writer_options or {}))  # writer_options: output: model (formats/full_model.py)
     use = plan_threads(threads, dev)
     on = pinned_device(dev)  # "cuda" means the caller's current GPU, not the worker thread's default one
 
@@ -229,12 +230,12 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
         for key, (module, src) in extras.items():
             writer.add_extra(key, src.read_raw(key).to(out_dtype), module)
         report.seconds = time.perf_counter() - start
-        staged = writer.finish({**first, "base_model_name_or_path": base})
-        _write_report(staged, report)
+        writer.finish({**first, "base_model_name_or_path": base})
+        _write_report(stage.path, report)
         if write_card:
             from lowrank_methods.publish.card import write_card
 
-            write_card(staged, report)
+            write_card(stage.path, report)
     except BaseException:
         writer.abort()
         raise
@@ -244,7 +245,7 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
 def _merge_module(recipe: Recipe, module: str, factors: list[LoraFactors], weights: list[float], params) -> ModuleResult:
     """One module through the method, back on the CPU, refused unless every number in it is finite."""
     try:
-        result = recipe.method.fn(factors, weights, params).to("cpu")
+        result = recipe.method(factors, weights, params, MethodContext(module)).to("cpu")
     except torch.linalg.LinAlgError as e:
         raise ComputeError(f"{recipe.method.name}: a decomposition did not converge ({short(str(e), 60)}); the "
                            "updates are degenerate or too large for the precision", module=module,
@@ -322,7 +323,7 @@ def _carried_tensors(sources: list[AdapterSource]) -> dict[str, tuple[str, Adapt
     carried: dict[str, tuple[str, AdapterSource]] = {}
     for src in sources:
         for key in src.extra_keys:
-            module = key.removeprefix("base_model.model.").removesuffix(".weight").removesuffix(".bias")
+            module = saved_module(key)
             if key in carried:
                 other = carried[key][1]
                 if not torch.equal(other.read_raw(key), src.read_raw(key)):

@@ -7,16 +7,17 @@ The engine then reads those adapters like any other, so rmm runs on them unchang
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.errors import AdapterError, MergeError
 from lowrank_methods.core.linalg import LowRankSVD, truncate
+from lowrank_methods.core.types import LoraFactors, ModuleResult
+from lowrank_methods.formats.peft import AdapterWriter, ModuleLayout
+from lowrank_methods.formats.safetensors_io import SafetensorsFile
+from lowrank_methods.formats.writer import OutputJob
 
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings)$")
 
@@ -27,15 +28,16 @@ def is_full_model(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def weight_index(path: Path) -> dict[str, Path]:
-    """Tensor name → safetensors file, over every shard of a model directory."""
-    index: dict[str, Path] = {}
+def weight_index(path: Path) -> dict[str, SafetensorsFile]:
+    """Tensor name → its (header-checked) safetensors file, over every shard of a model directory, names sorted
+    within each file."""
+    index: dict[str, SafetensorsFile] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         try:
-            with safe_open(file, framework="pt") as f:
-                index.update({key: file for key in f.keys()})
-        except Exception as e:
-            raise MergeError(f"cannot read {file} ({e}); the model file is corrupt or truncated") from None
+            reader = SafetensorsFile(file)
+        except AdapterError as e:
+            raise MergeError(f"cannot read {file} ({e}); the model file is corrupt or truncated") from e
+        index.update({key: reader for key in sorted(reader.keys())})
     return index
 
 
@@ -46,44 +48,39 @@ def low_rank_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def delta_adapter(model_dir: Path, base_dir: Path, out: Path, rank: int, name: str) -> Path:
-    """Write the rank-``rank`` PT-SVD adapter of ``model_dir`` against ``base_dir`` into ``out``."""
+    """Write the rank-``rank`` PT-SVD adapter of ``model_dir`` against ``base_dir`` into ``out``, with the writer
+    of merged adapters (scale 1: r == lora_alpha, rank_pattern where a module's rank is lower)."""
     tuned, base = weight_index(model_dir), weight_index(base_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
+    factors: dict[str, LoraFactors] = {}
+    layouts: dict[str, ModuleLayout] = {}
+    dtype = torch.float32
     for key, file in tuned.items():
         if not key.endswith(".weight") or key not in base:
             continue
-        W = _read(file, key)
-        if W.ndim != 2:
+        if len(file.shape(key)) != 2:
             continue
-        W0 = _read(base[key], key)
+        W, W0 = file.read(key), base[key].read(key)
         if W0.shape != W.shape:
             raise MergeError(f"{key} has shape {tuple(W.shape)} but {tuple(W0.shape)} in the base model; it was not "
                              "fine-tuned from this base", adapter=name)
         B, A = low_rank_delta(W.double() - W0.double(), rank)
         if B.shape[1] == 0:  # untouched by fine-tuning
             continue
-        dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if W.dtype == torch.float64 else dtype
         module = key.removesuffix(".weight")
-        if EMBEDDING.search(module):  # PEFT embeddings: ΔW (num, dim) = (B_e A_e)ᵀ
-            tensors[f"base_model.model.{module}.lora_embedding_A"] = B.T.to(dtype).contiguous()
-            tensors[f"base_model.model.{module}.lora_embedding_B"] = A.T.to(dtype).contiguous()
-        else:
-            tensors[f"base_model.model.{module}.lora_A.weight"] = A.to(dtype).contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = B.to(dtype).contiguous()
-        ranks[module] = B.shape[1]
-    if not tensors:
+        kind = "embedding" if EMBEDDING.search(module) else "linear"  # PEFT embeddings: ΔW (num, dim) = (B_e A_e)ᵀ
+        factors[module], layouts[module] = LoraFactors(A, B), ModuleLayout(kind, tuple(W.shape))
+    if not factors:
         raise MergeError("no 2-D weight differs from the base model; nothing to compress", adapter=name)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    pattern = {re.escape(m): k for m, k in ranks.items() if k != rank}
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_dir), "r": rank, "lora_alpha": rank,
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "use_rslora": False,
-        "fan_in_fan_out": False, "lora_dropout": 0.0, "bias": "none", "use_dora": False, "lora_bias": False,
-        "init_lora_weights": True, "inference_mode": True,
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    writer = AdapterWriter(OutputJob(out, list(factors), layouts, dtype))
+    try:
+        for module, f in factors.items():
+            writer.add(module, layouts[module], ModuleResult(f))
+        writer.finish({"base_model_name_or_path": str(base_dir)})
+    except BaseException:
+        writer.abort()
+        raise
     return out
 
 
@@ -110,8 +107,3 @@ def as_adapter_dirs(recipe, paths: list[Path], scratch: Path | None) -> list[Pat
                              "fine-tuned from (config.json + safetensors)", adapter=ref.name)
         out[i] = delta_adapter(Path(paths[i]), Path(base), scratch / f"{i}-{ref.name}", rank, ref.name)
     return out
-
-
-def _read(file: Path, key: str) -> torch.Tensor:
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(key)

@@ -23,8 +23,9 @@ from typing import Any, Callable, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from lowrank_methods.core.errors import RecipeError, short
-from lowrank_methods.core.method import MAX_MAGNITUDE, Method, MethodParams, get_method, _one_line
+from lowrank_methods.core.errors import BaseModelError, RecipeError, short
+from lowrank_methods.core.method import Method, get_method, _one_line
+from lowrank_methods.core.params import MAX_MAGNITUDE, MethodParams
 
 Scalar = Union[bool, int, float, str]
 
@@ -91,7 +92,7 @@ class Recipe:
                                self.method.validator(k))
                   for k in self.settings if k not in ENGINE_PARAMETERS}
         values = {k: v for k, v in values.items() if v is not None}
-        return self.method.parse_params({**values, "module": module})
+        return self.method.parse_params(values)
 
     def local_inputs(self) -> tuple[Path, ...]:
         """The recipe's inputs that are local directories (an output must never replace one of them)."""
@@ -114,6 +115,19 @@ class Recipe:
             for t in (0.0, 0.5, 1.0):
                 self.params_for(name, t)
                 self.weights_for(name, t)
+
+    def check_output_fields(self) -> None:
+        """``output: model`` copies the base's tokenizer unchanged: refuse the recipe fields mergekit's planner
+        honours for a model (tokenizer_source other than base, tokenizer, chat_template)."""
+        if self.output != "model":
+            return
+        data = load_yaml(self.text) if self.text else {}
+        if not isinstance(data, dict):
+            return
+        source = data.get("tokenizer_source")
+        if source not in (None, "base") or data.get("tokenizer") is not None or data.get("chat_template") is not None:
+            raise BaseModelError("output: model copies the base model's tokenizer unchanged; remove tokenizer_source, "
+                                 "tokenizer and chat_template from the recipe")
 
     def _all_settings(self):
         yield from self.settings.values()
@@ -218,8 +232,6 @@ def parse_recipe(text: str) -> Recipe:
         raise RecipeError(f"recipe: {_one_line(e)}") from e
     method = get_method(raw.merge_method)
     settings = dict(raw.parameters or {})
-    if "module" in settings:
-        raise RecipeError("`module` is not a recipe parameter (the engine sets it per module)")
     output = settings.get("output", "bundle" if method.output == "bundle" else "adapter")
     if output not in ("adapter", "model", "bundle"):
         raise RecipeError(f"parameters.output must be adapter, model or bundle, got {short(output)}")

@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 
 from lowrank_methods.core.errors import OutputError, OutputExistsError
+from lowrank_methods.formats.output_marker import owned_files, walk, write_marker
 
-MARKER = ".mergekit-lowrank.json"
-OUTPUT_FORMAT = "mergekit-lowrank/output"
 STAGING_FORMAT = "mergekit-lowrank/staging"
 VERSION = 1
 
@@ -60,29 +59,12 @@ def _state(out: Path) -> str:
         listing = ", ".join(entries[:3]) + (f", … ({len(entries)} entries)" if len(entries) > 3 else "")
         raise OutputExistsError(f"output {out} exists and holds files this tool did not write ({listing}); "
                                 "choose a new directory")
-    foreign = sorted(str(p.relative_to(out)) for p in _walk(out) if p.is_file() or p.is_symlink()
+    foreign = sorted(str(p.relative_to(out)) for p in walk(out) if p.is_file() or p.is_symlink()
                      if str(p.relative_to(out)) not in owned)
     if foreign:
         raise OutputExistsError(f"output {out} is a previous merge, but {foreign[0]} was added to it since "
                                 f"({len(foreign)} such files); move them out or choose a new directory")
     return "owned"
-
-
-def owned_files(out: Path) -> set[str] | None:
-    """The files our marker in ``out`` lists (the marker itself included), or None if it is not ours."""
-    try:
-        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or marker.get("format") != OUTPUT_FORMAT or not isinstance(marker.get("files"), list):
-        return None
-    return {f for f in marker["files"] if isinstance(f, str)} | {MARKER}
-
-
-def _walk(root: Path):
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            yield Path(dirpath, name)
 
 
 class StagedOutput:
@@ -153,12 +135,6 @@ class StagedOutput:
             except OSError:
                 break
         self._created = []
-
-
-def write_marker(path: Path) -> None:
-    """Record every file under ``path`` in its marker: what a later ``--overwrite`` may delete."""
-    files = sorted(str(p.relative_to(path)) for p in _walk(path) if p.name != MARKER or p.parent != path)
-    (path / MARKER).write_text(json.dumps({"format": OUTPUT_FORMAT, "version": VERSION, "files": files}, indent=1) + "\n")
 
 
 def remove_stale_work(out: Path) -> None:
@@ -273,7 +249,7 @@ def _acquire_lock(out: Path) -> int:
         except BlockingIOError:
             os.close(fd)
             raise OutputExistsError(f"another merge is writing {out} right now; wait for it or choose another "
-                                    "directory") from None
+                                    "directory")
         try:  # the holder before us may have unlinked the file after we opened it: then lock the new one
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 return fd

@@ -4,7 +4,9 @@ Metadata goes through ``huggingface_hub.ModelCardData`` (never hand-written YAML
 base, ``base_model_relation`` says adapter or merge, so the Hub's model tree and inference widgets see it.
 Everything comes from the ``MergeReport`` in its public form (``public_report``: JSON-able, local paths
 cut to their last component, tokens scrubbed), which is also what merge_report.json holds, so a card can be
-re-rendered later from the output folder alone.
+re-rendered later from the output folder alone. The text is ``templates/model_card.md`` (Jinja, through
+``ModelCard.from_template``), which holds the layout and the prose; every value it shows is computed here, and
+a method's paper or link comes from its registry decorator.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import json
 import os
 import re
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from lowrank_methods.core.method import Link, Paper
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PLOT = "retained_energy.png"
 LAYER = re.compile(r"\.(\d+)\.")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -27,67 +33,6 @@ PIPELINES = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generati
 AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
                 "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
                 "QUESTION_ANS": "AutoModelForQuestionAnswering"}
-
-
-@dataclass(frozen=True)
-class Paper:
-    key: str
-    title: str
-    authors: str  # BibTeX author field
-    year: int
-    url: str
-    venue: str | None = None
-
-    def bibtex(self) -> str:
-        eprint = self.url.rsplit("/", 1)[-1]
-        fields = [f"  title = {{{self.title}}}", f"  author = {{{self.authors}}}", f"  year = {{{self.year}}}",
-                  f"  eprint = {{{eprint}}}", "  archivePrefix = {arXiv}", f"  url = {{{self.url}}}"]
-        if self.venue:
-            fields.insert(3, f"  note = {{{self.venue}}}")
-        return "@misc{" + self.key + ",\n" + ",\n".join(fields) + "\n}"
-
-
-_CTM = Paper("he2026compress", "Compress then Merge: From Multiple LoRAs into One Low-Rank Adapter",
-             "He, Zhengbao and Ding, Ruiqi and Huang, Zhehao and Yang, Ruikai and Li, Tao and Huang, Xiaolin", 2026,
-             "https://arxiv.org/abs/2606.03723", "ICML 2026")
-_TA = Paper("ilharco2023editing", "Editing Models with Task Arithmetic", "Ilharco, Gabriel and others", 2023,
-            "https://arxiv.org/abs/2212.04089", "ICLR 2023")
-_ISO = Paper("marczak2025notask", "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
-             "Marczak, Daniel and Magistri, Simone and Cygert, Sebastian and Twardowski, Bart{\\l}omiej and "
-             "Bagdanov, Andrew D. and van de Weijer, Joost", 2025, "https://arxiv.org/abs/2502.04959", "ICML 2025")
-
-# method name -> the paper it implements (None: no paper; the card links ``LINKS`` instead)
-PAPERS: dict[str, Paper | None] = {
-    "cat": Paper("prabhakar2024lorasoups", "LoRA Soups: Merging LoRAs for Practical Skill Composition Tasks",
-                 "Prabhakar, Akshara and others", 2024, "https://arxiv.org/abs/2410.13025"),
-    "mtc": _CTM,  # Merge-then-Compress is the baseline pipeline that paper defines and compares against
-    "task_arithmetic": _TA,
-    "linear": Paper("wortsman2022soups", "Model soups: averaging weights of multiple fine-tuned models improves "
-                    "accuracy without increasing inference time", "Wortsman, Mitchell and others", 2022,
-                    "https://arxiv.org/abs/2203.05482", "ICML 2022"),
-    "ctm": _CTM,
-    "core_space": Paper("panariello2025core", "Accurate and Efficient Low-Rank Model Merging in Core Space",
-                        "Panariello, Aniello and Marczak, Daniel and Magistri, Simone and Porrello, Angelo and "
-                        "Twardowski, Bart{\\l}omiej and Bagdanov, Andrew D. and Calderara, Simone and "
-                        "van de Weijer, Joost", 2025, "https://arxiv.org/abs/2509.17786", "NeurIPS 2025"),
-    "knots": Paper("stoica2025knots", "Model merging with SVD to tie the KnOTS", "Stoica, George and Ramesh, Pratik "
-                   "and Ecsedi, Boglarka and Choshen, Leshem and Hoffman, Judy", 2025,
-                   "https://arxiv.org/abs/2410.19735", "ICLR 2025"),
-    "tsv": Paper("gargiulo2025tsv", "Task Singular Vectors: Reducing Task Interference in Model Merging",
-                 "Gargiulo, Antonio Andrea and Crisostomi, Donato and Bucarelli, Maria Sofia and Scardapane, Simone "
-                 "and Silvestri, Fabrizio and Rodol{\\`a}, Emanuele", 2025, "https://arxiv.org/abs/2412.00081",
-                 "CVPR 2025"),
-    "iso_c": _ISO,
-    "iso_cts": _ISO,
-    "rmm": Paper("alipour2025reversible", "Towards Reversible Model Merging For Low-rank Weights",
-                 "Alipour, Mohammadsajad and Mohammadi Amiri, Mohammad", 2025, "https://arxiv.org/abs/2510.14163"),
-    "lore": Paper("liu2025lore", "LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging",
-                  "Liu, Zehua and Wu, Han and Yao, Yuxuan and She, Ruifeng and Han, Xiongwei and Zhong, Tao and "
-                  "Yuan, Mingxuan", 2025, "https://arxiv.org/abs/2502.10749"),
-    "linear_factors": None,
-}
-LINKS = {"linear_factors": ("PEFT `add_weighted_adapter(combination_type=\"linear\")`",
-                            "https://huggingface.co/docs/peft/developer_guides/model_merging")}
 
 
 # -- the public report -------------------------------------------------------------------------------
@@ -159,11 +104,12 @@ def write_card(path: Path, report, repo_id: str | None = None) -> None:
 
 
 def render_card(report, *, repo_id: str | None = None, plot: str | None = None) -> str:
-    """The card's text: YAML metadata (via ModelCardData) and the body."""
+    """The card's text: ``templates/model_card.md`` filled with the YAML metadata (via ModelCardData) and the
+    values ``_template_values`` computes; the template holds the layout and the prose, Python every value."""
     from huggingface_hub import ModelCard
 
     data = public_report(report)
-    card = ModelCard(f"---\n{card_data(data).to_yaml()}\n---\n\n{_body(data, repo_id, plot)}")
+    card = ModelCard.from_template(card_data(data), template_path=TEMPLATE, **_template_values(data, repo_id, plot))
     return scrub_text(str(card)).rstrip() + "\n"
 
 
@@ -183,120 +129,91 @@ def card_data(data: dict):
     return ModelCardData(**fields)
 
 
-def _body(d: dict, repo_id: str | None, plot: str | None) -> str:
-    n, output, base = len(d["adapters"]), d.get("output", "adapter"), d.get("base_model")
-    title = repo_id.split("/")[-1] if repo_id else {"model": "Merged model", "bundle": "Reversible LoRA bundle"}.get(
-        output, "Merged LoRA adapter")
-    base_text = _link(base, d.get("base_model_on_hub")) if base else "its base model"
-    what = {"adapter": f"a LoRA adapter for {base_text}: {n} LoRA adapters merged into one",
-            "model": f"{base_text} with {n} LoRA adapters merged into its weights",
-            "bundle": f"a reversible bundle (RMM) of {n} LoRA adapters for {base_text}: a shared basis plus per-adapter "
-                      "coefficients, from which each source adapter can be reconstructed"}[output]
-    lines = [f"# {title}", "", f"This is {what}, with **{d['pretty_name']}** (`{d['method']}`) by "
-             "mergekit-lowrank, the low-rank merge methods plugin for [mergekit](https://github.com/arcee-ai/mergekit).", ""]
-    lines += _sources(d["adapters"], output) + _method(d) + _usage(d, repo_id) + _report(d, plot)
-    lines += ["## Recipe", "", "```yaml", d.get("recipe", "").strip(), "```", ""]
-    paper = PAPERS.get(d["method"])
-    if paper:
-        lines += ["## Citation", "", "```bibtex", paper.bibtex(), "```", ""]
-    return "\n".join(lines)
+# -- the template's variables, section by section (named apart from card_data's keys, which it also gets) ----
+def _template_values(d: dict, repo_id: str | None, plot: str | None) -> dict:
+    """Every name, link, number and table row the card shows, formatted as it shows them.
+    The template only places them, so a change of wording or layout is an edit of the template alone."""
+    return {**_intro_values(d, repo_id), **_method_values(d), **_usage_values(d, repo_id), **_report_values(d, plot),
+            "recipe": d.get("recipe", "").strip()}
 
 
-def _sources(adapters: list[dict], output: str) -> list[str]:
-    lines = ["## Source adapters", "", "| # | adapter | revision | rank | scale | weight | modules |",
-             "|---|---|---|---|---|---|---|"]
-    for i, a in enumerate(adapters, 1):
-        scales = ", ".join(f"{s:g}" for s in a.get("scales", [])) + (" (rsLoRA)" if a.get("rslora") else "")
-        lines.append(f"| {i} | {_link(a['source'], a.get('on_hub'))} | {a.get('revision') or ''} | {_listing(a.get('ranks', []))} | "
-                     f"{scales} | {a.get('weight', 1.0)} | {a.get('modules', '')} |")
-    folded = {"adapter": "it is folded into the merged factors, so the result has `lora_alpha == r`",
-              "model": "it is folded into the merged update added to the base weights",
-              "bundle": "it is folded into the bundle, so rebuilt adapters have `lora_alpha == r`"}[output]
-    return lines + ["", f"Scale is each adapter's own LoRA scale (alpha/r, or alpha/sqrt(r) for rsLoRA); {folded}. "
-                    "Weight is the recipe's `weight`.", ""]
+def _intro_values(d: dict, repo_id: str | None) -> dict:
+    """What the result is (its kind, method, base model) and the source adapters' table rows."""
+    base = d.get("base_model")
+    return {"output": d.get("output", "adapter"), "method": d["method"], "pretty_name": d["pretty_name"],
+            "repo_name": repo_id.split("/")[-1] if repo_id else None,
+            "base_link": _link(base, d.get("base_model_on_hub")) if base else None,
+            "adapter_count": len(d["adapters"]), "source_rows": _source_rows(d["adapters"])}
 
 
-def _method(d: dict) -> list[str]:
-    name = d["method"]
-    paper = PAPERS.get(name)
-    lines = ["## Method", ""]
-    summary = _summary(name)
-    if paper:
-        lines.append(f"**{d['pretty_name']}** (`{name}`), from [{paper.title}]({paper.url})"
-                     f"{f' ({paper.venue})' if paper.venue else ''}.")
-    elif name in LINKS:
-        lines.append(f"**{d['pretty_name']}** (`{name}`), as in [{LINKS[name][0]}]({LINKS[name][1]}).")
-    else:
-        ref = f" Reference: {d['reference_url']}" if d.get("reference_url") else ""
-        lines.append(f"**{d['pretty_name']}** (`{name}`).{ref}")
-    if summary:
-        lines += ["", summary]
-    params = d.get("parameters") or {}
-    lines += ["", "Parameters:", ""]
-    if params:
-        lines += ["| parameter | value |", "|---|---|"]
-        lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in params.items()]
-    else:
-        lines.append("the method's defaults.")
-    return lines + [""]
+def _source_rows(adapters: list[dict]) -> list[tuple]:
+    """Per source adapter: number, link, revision, ranks, LoRA scales (marked rsLoRA), recipe weight, modules."""
+    return [(i, _link(a["source"], a.get("on_hub")), a.get("revision") or "", _listing(a.get("ranks", [])),
+             ", ".join(f"{s:g}" for s in a.get("scales", [])) + (" (rsLoRA)" if a.get("rslora") else ""),
+             a.get("weight", 1.0), a.get("modules", "")) for i, a in enumerate(adapters, 1)]
 
 
-def _usage(d: dict, repo_id: str | None) -> list[str]:
-    where = repo_id or "path/to/this/folder"
+def _method_values(d: dict) -> dict:
+    """The method's paper (and its BibTeX), or its link, or else the report's reference URL; its one-line summary
+    and the recipe's parameters as (name, JSON value) rows."""
+    paper, link, summary = _method_reference(d["method"])
+    return {"paper": paper, "link": link, "reference_url": d.get("reference_url"), "summary": summary,
+            "citation": paper.bibtex() if paper else None,
+            "parameter_rows": [(k, json.dumps(v)) for k, v in (d.get("parameters") or {}).items()]}
+
+
+def _method_reference(name: str) -> tuple[Paper | None, Link | None, str]:
+    """(paper, link, summary) of method ``name`` from its registry decorator; lore runs through mergekit, outside
+    the registry, so its paper comes from its module; a method this install does not know has none."""
+    from lowrank_methods.core.errors import RecipeError
+    from lowrank_methods.core.method import get_method
+
+    try:
+        method = get_method(name)
+    except RecipeError:
+        if name != "lore":
+            return None, None, ""
+        from lowrank_methods.core.methods.lore import PAPER
+
+        return PAPER, None, ""
+    return method.paper, method.link, method.summary
+
+
+def _usage_values(d: dict, repo_id: str | None) -> dict:
+    """What the usage snippets load: the Auto class, where the result is, the base model's ``from_pretrained``
+    arguments, and for a bundle the adapter rebuilt from it (the first source) and where."""
     base, _, revision = (d.get("base_model") or "BASE_MODEL").partition("@")
-    base = f'"{base}", revision="{revision}"' if revision else f'"{base}"'
-    auto = AUTO_CLASSES.get(d.get("task_type"), "AutoModel")
-    lines = ["## Usage", ""]
-    if d.get("output") == "model":
-        return lines + ["```python", f"from transformers import {auto}, AutoTokenizer", "",
-                        f'model = {auto}.from_pretrained("{where}")', f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
-                        "```", ""]
-    if d.get("output") == "bundle":  # rebuild one source adapter as a plain PEFT adapter, then load that
-        task = d["adapters"][0]["name"] if d.get("adapters") else "TASK"
-        folder = repo_id.split("/")[-1] if repo_id else where
-        lines += [f"Rebuild any source adapter (here `{task}`) as a plain PEFT adapter, then load it:", "", "```bash"]
-        lines += [f"hf download {repo_id} --local-dir {folder}"] if repo_id else []
-        lines += [f"mergekit-lowrank reconstruct {folder} {task} {task}-adapter", "```", ""]
-        where = f"{task}-adapter"
-    lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}", "",
-              f'base = {auto}.from_pretrained({base})', f'model = PeftModel.from_pretrained(base, "{where}")', "```", ""]
-    if d.get("base_model_on_hub", True) is False or not d.get("base_model"):
-        lines += ["The base model was a local directory when this was merged: pass that directory (or the Hub id of "
-                  "the same model) to `from_pretrained` above.", ""]
-    else:
-        lines += ["`from_pretrained` downloads the base model from the Hub; offline (`HF_HUB_OFFLINE=1`) it needs a "
-                  "cached copy, or pass the path of a local copy instead.", ""]
-    return lines
+    location = repo_id or "path/to/this/folder"
+    task = d["adapters"][0]["name"] if d.get("adapters") else "TASK"
+    return {"repo_id": repo_id, "location": location, "auto_class": AUTO_CLASSES.get(d.get("task_type"), "AutoModel"),
+            "base_args": f'"{base}", revision="{revision}"' if revision else f'"{base}"',
+            "task": task, "bundle_folder": repo_id.split("/")[-1] if repo_id else location,
+            "adapter_folder": f"{task}-adapter" if d.get("output") == "bundle" else location,
+            "base_is_local": d.get("base_model_on_hub", True) is False or not d.get("base_model")}
 
 
-def _report(d: dict, plot: str | None) -> list[str]:
+def _report_values(d: dict, plot: str | None) -> dict:
+    """The merge report's numbers (module count, seconds, output rank span, retained energy), the plot's file
+    name, and the per-layer and per-module table rows."""
     modules: dict[str, dict] = d.get("modules") or {}
     s = d.get("summary") or {}
-    lines = ["## Merge report", "", f"{len(modules)} modules merged in {d.get('seconds', 0.0):.1f} s on "
-             f"{d.get('device', 'cpu')}."]
-    if "rank_min" in s:
-        same = s["rank_min"] == s["rank_max"]
-        lines.append(f"Output rank {s['rank_min']:g}." if same else
-                     f"Output rank {s['rank_min']:g} to {s['rank_max']:g}, per module.")
-    if "retained_energy_min" in s:
-        lines.append(f"Retained energy (the share of each module's target update that the written factors keep, "
-                     f"1 = exact) min {s['retained_energy_min']:.4f}, median {s['retained_energy_median']:.4f}.")
-    layers = by_layer(modules)
-    if layers:
-        lines += ["", "| layer | modules | rank | retained energy min | median |", "|---|---|---|---|---|"]
-        for layer, stats in layers.items():
-            ranks = [x["rank"] for x in stats if "rank" in x]
-            energy = [x["retained_energy"] for x in stats if "retained_energy" in x]
-            lines.append(f"| {layer} | {len(stats)} | {_span(ranks)} | {_num(min(energy) if energy else None)} | "
-                         f"{_num(statistics.median(energy) if energy else None)} |")
-    if plot:
-        lines += ["", f"![Retained energy by layer]({plot})"]
-    if modules:
-        lines += ["", "<details><summary>Rank and retained energy per module</summary>", "",
-                  "| module | rank | retained energy |", "|---|---|---|"]
-        lines += [f"| `{m}` | {_num(x.get('rank'))} | {_num(x.get('retained_energy'))} |" for m, x in modules.items()]
-        lines += ["", "</details>"]
-    return lines + [""]
+    return {"module_count": len(modules), "seconds": f"{d.get('seconds', 0.0):.1f}", "device": d.get("device", "cpu"),
+            "rank_min": _formatted(s, "rank_min", "g"), "rank_max": _formatted(s, "rank_max", "g"),
+            "energy_min": _formatted(s, "retained_energy_min", ".4f"),
+            "energy_median": _formatted(s, "retained_energy_median", ".4f"),
+            "layer_rows": _layer_rows(modules), "plot": plot,
+            "module_rows": [(m, _num(x.get("rank")), _num(x.get("retained_energy"))) for m, x in modules.items()]}
+
+
+def _layer_rows(modules: dict[str, dict]) -> list[tuple]:
+    """Per decoder layer: its index, module count, rank span, min and median retained energy."""
+    rows = []
+    for layer, stats in by_layer(modules).items():
+        ranks = [x["rank"] for x in stats if "rank" in x]
+        energy = [x["retained_energy"] for x in stats if "retained_energy" in x]
+        rows.append((layer, len(stats), _span(ranks), _num(min(energy) if energy else None),
+                     _num(statistics.median(energy) if energy else None)))
+    return rows
 
 
 def by_layer(modules: dict[str, dict]) -> dict[str, list[dict]]:
@@ -334,15 +251,6 @@ def _plot_energy(path: Path, data: dict) -> bool:
     return True
 
 
-def _summary(name: str) -> str:
-    try:
-        from lowrank_methods.core.method import get_method
-
-        return get_method(name).summary
-    except Exception:  # a card can be rendered for a method this install does not know
-        return ""
-
-
 def _is_hub_id(s: str) -> bool:
     return bool(HUB_ID.fullmatch(s.partition("@")[0])) and not Path(s).expanduser().exists()
 
@@ -364,6 +272,11 @@ def _span(values: list) -> str:
         return ""
     lo, hi = min(values), max(values)
     return f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
+
+
+def _formatted(summary: dict, key: str, spec: str) -> str | None:
+    """``summary[key]`` formatted with ``spec``; None when the merge did not report it."""
+    return format(summary[key], spec) if key in summary else None
 
 
 def _num(x) -> str:

@@ -12,9 +12,9 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Protocol
 
 from lowrank_methods.core.errors import HubError, MergeError
-from lowrank_methods.pipeline.recipe import AdapterRef
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 PICKLE_FILES = ["adapter_model.bin"]
@@ -23,7 +23,15 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def resolve_adapter(ref: AdapterRef, *, allow_pickle: bool = False) -> Path:
+class AdapterLocation(Protocol):
+    """Where a recipe's adapter is (a recipe's ``AdapterRef`` is one): a local path or a Hub id, and a revision."""
+
+    name: str
+    adapter: str
+    revision: str | None
+
+
+def resolve_adapter(ref: AdapterLocation, *, allow_pickle: bool = False) -> Path:
     """A local directory holding ``ref``'s adapter: the path itself, or a Hub snapshot of just the adapter files
     (plus config.json, so that a full fine-tuned model is recognised and then fetched as one).
 
@@ -85,23 +93,23 @@ def download(repo_id: str, revision: str | None, patterns: list[str], *, who: st
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=_endpoint()))
     except GatedRepoError:
         raise MergeError(f"{at}: gated repo; accept its terms on the Hub and log in (HF_TOKEN or `hf auth login`)",
-                         adapter=who) from None
+                         adapter=who)
     except RepositoryNotFoundError:
         raise MergeError(f"no local directory {repo_id!r} and no Hub repo {repo_id} (or it is private: set HF_TOKEN "
-                         "or run `hf auth login`)", adapter=who) from None
+                         "or run `hf auth login`)", adapter=who)
     except RevisionNotFoundError:
-        raise MergeError(f"Hub repo {repo_id} has no revision {revision!r}; check the @revision", adapter=who) from None
+        raise MergeError(f"Hub repo {repo_id} has no revision {revision!r}; check the @revision", adapter=who)
     except LocalEntryNotFoundError:
         if constants.is_offline_mode():
             raise MergeError(f"{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
-                             "run once online to cache it, or unset HF_HUB_OFFLINE", adapter=who) from None
+                             "run once online to cache it, or unset HF_HUB_OFFLINE", adapter=who)
         raise MergeError(f"cannot reach the Hub at {_endpoint() or constants.ENDPOINT} and {at} is not cached; "
-                         "check the network, or set HF_ENDPOINT", adapter=who) from None
+                         "check the network, or set HF_ENDPOINT", adapter=who)
     except HfHubHTTPError as e:
         if e.response is not None and e.response.status_code == 401:
             raise MergeError(f"the Hub rejected the token (401 Unauthorized) while downloading {at}; check HF_TOKEN "
-                             "or run `hf auth login`", adapter=who) from None
-        raise MergeError(f"downloading {at} failed: {_http_reason(e)}", adapter=who) from None
+                             "or run `hf auth login`", adapter=who) from e
+        raise MergeError(f"downloading {at} failed: {_http_reason(e)}", adapter=who) from e
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -128,7 +136,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         if revision and revision != "main" and not revision.startswith("refs/pr/"):  # refs/pr/N: add to an open PR
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         _card_with_repo_id(folder, repo_id)
-        from lowrank_methods.pipeline.staging import MARKER  # our local ownership marker: meaningless on the Hub
+        from lowrank_methods.formats.output_marker import MARKER  # our local ownership marker: meaningless on the Hub
 
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message or _default_message(folder), ignore_patterns=[MARKER])
@@ -136,16 +144,16 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
         status = e.response.status_code if e.response is not None else None
         if status == 401:
             raise MergeError("the Hub rejected the token (401 Unauthorized); check HF_TOKEN or run `hf auth login` "
-                             "with a token that has write access") from None
+                             "with a token that has write access") from e
         if status == 403:
             raise MergeError(f"this token may not write to {repo_id} (403 Forbidden); use a token with write access "
-                             "to that namespace") from None
-        raise MergeError(f"pushing to {repo_id} failed: {_http_reason(e)}") from None
+                             "to that namespace") from e
+        raise MergeError(f"pushing to {repo_id} failed: {_http_reason(e)}") from e
     except MergeError:
         raise
     except Exception as e:  # connection failures: OfflineModeIsEnabled/ConnectionError, or httpx2 transport errors
         if isinstance(e, ConnectionError) or type(e).__module__.startswith("httpx"):
-            raise MergeError(f"pushing to {repo_id} failed: cannot reach {api.endpoint} ({type(e).__name__})") from None
+            raise MergeError(f"pushing to {repo_id} failed: cannot reach {api.endpoint} ({type(e).__name__})") from e
         raise
 
 
@@ -159,7 +167,7 @@ def check_can_push(repo_id: str, *, revision: str | None = None, create_pr: bool
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise MergeError(f"{repo_id!r} is not a Hub repo id; write org/name") from None
+        raise MergeError(f"{repo_id!r} is not a Hub repo id; write org/name")
     if "/" not in repo_id:
         raise MergeError(f"{repo_id!r}: write the repo id as org/name (or user/name)")
     if create_pr and revision not in (None, "main"):
@@ -273,23 +281,23 @@ def download_file(repo_id: str, filename: str, revision: str | None = None, *, w
         return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint))
     except GatedRepoError:
         raise error(f"{what}: {at} is a gated repo; accept its terms on the Hub and log in (HF_TOKEN or "
-                    "`hf auth login`)") from None
+                    "`hf auth login`)")
     except RepositoryNotFoundError:
-        raise error(f"{what}: no Hub repo {repo_id} (or it is private: set HF_TOKEN or run `hf auth login`)") from None
+        raise error(f"{what}: no Hub repo {repo_id} (or it is private: set HF_TOKEN or run `hf auth login`)")
     except RevisionNotFoundError:
-        raise error(f"{what}: Hub repo {repo_id} has no revision {revision!r}; check the @revision") from None
+        raise error(f"{what}: Hub repo {repo_id} has no revision {revision!r}; check the @revision")
     except RemoteEntryNotFoundError:
         missing = error(f"{what}: Hub repo {repo_id} has no file {filename} at {revision or 'main'}")
         missing.missing_file = True  # callers may fall back to another file
-        raise missing from None
+        raise missing
     except LocalEntryNotFoundError:
         if constants.is_offline_mode():
             raise error(f"{what}: {filename} of {at} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
-                        "run once online to cache it, or unset HF_HUB_OFFLINE") from None
+                        "run once online to cache it, or unset HF_HUB_OFFLINE")
         raise error(f"{what}: cannot reach the Hub at {endpoint or constants.ENDPOINT} and {filename} of {at} is not "
-                    "cached; check the network, or set HF_ENDPOINT") from None
+                    "cached; check the network, or set HF_ENDPOINT")
     except HfHubHTTPError as e:
         if e.response is not None and e.response.status_code == 401:
             raise error(f"{what}: the Hub rejected the token (401 Unauthorized) while downloading {at}; check "
-                        "HF_TOKEN or run `hf auth login`") from None
-        raise error(f"{what}: downloading {filename} of {at} failed: {_http_reason(e)}") from None
+                        "HF_TOKEN or run `hf auth login`") from e
+        raise error(f"{what}: downloading {filename} of {at} failed: {_http_reason(e)}") from e

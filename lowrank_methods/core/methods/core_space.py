@@ -9,26 +9,33 @@ from __future__ import annotations
 import torch
 
 from lowrank_methods.core.linalg import factored_core_space, svd_in_bases, truncate, weighted
-from lowrank_methods.core.method import Rank, method
+from lowrank_methods.core.method import Paper, method
+from lowrank_methods.core.params import Rank
 from lowrank_methods.core.types import ModuleResult
-from lowrank_methods.core.rules import RuleParams, apply_rule, over_present_tasks
+from lowrank_methods.core.rules import Rule, RuleParams, apply_rule, over_present_tasks
+from lowrank_methods.core.types import MethodContext
 
 
 class CoreSpaceParams(RuleParams):
     rank: Rank = None  # None: exact (rank ≤ Σ r_t); int or energy fraction: truncated
 
 
-def merge_in_core_space(factors, weights, params: RuleParams, rank: Rank) -> ModuleResult:
+PAPER = Paper("panariello2025core", "Accurate and Efficient Low-Rank Model Merging in Core Space",
+              "Panariello, Aniello and Marczak, Daniel and Magistri, Simone and Porrello, Angelo and "
+              "Twardowski, Bart{\\l}omiej and Bagdanov, Andrew D. and Calderara, Simone and "
+              "van de Weijer, Joost", 2025, "https://arxiv.org/abs/2509.17786", "NeurIPS 2025")
+
+
+def merge_in_core_space(factors, weights, rule: Rule, rank: Rank, lambda_: float, ctx: MethodContext) -> ModuleResult:
     """Rule on the cores, lift back, keep `rank` components (also the exact route of the standalone tsv/iso methods)."""
     Qb, core, QaT = factored_core_space(weighted(factors, weights))
-    merged = params.lambda_ * apply_rule(torch.stack(core.cores), params)
+    merged = lambda_ * apply_rule(torch.stack(core.cores), rule, ctx)
     out, stats = truncate(svd_in_bases(Qb, core.U @ merged @ core.V, QaT), rank, factors[0].shape)
     return ModuleResult(out, stats)
 
 
-@method("core_space", params=CoreSpaceParams, pretty_name="Core Space merging",
-        reference_url="https://arxiv.org/abs/2509.17786")
+@method("core_space", params=CoreSpaceParams, pretty_name="Core Space merging", paper=PAPER)
 @over_present_tasks
-def core_space(factors, weights, params: CoreSpaceParams) -> ModuleResult:
+def core_space(factors, weights, params: CoreSpaceParams, ctx) -> ModuleResult:
     """Merge the adapters' R×R core matrices with a rule; exact for linear rules, rank ≤ Σ r_t."""
-    return merge_in_core_space(factors, weights, params, params.rank)
+    return merge_in_core_space(factors, weights, params, params.rank, params.lambda_, ctx)

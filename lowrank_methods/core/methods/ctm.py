@@ -11,7 +11,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from lowrank_methods.core.linalg import factored_core_space, svd_in_bases, truncate, tucker2, weighted
-from lowrank_methods.core.method import method
+from lowrank_methods.core.method import Paper, method
 from lowrank_methods.core.types import ModuleResult
 from lowrank_methods.core.rules import RuleParams, apply_rule, over_present_tasks
 
@@ -30,16 +30,21 @@ def reweight(cores: torch.Tensor, beta: float) -> torch.Tensor:
     return cores * gain.where(norms > 0, torch.zeros_like(gain))[:, None, None]
 
 
-@method("ctm", params=CtmParams, pretty_name="Compress-then-Merge", reference_url="https://arxiv.org/abs/2606.03723")
+PAPER = Paper("he2026compress", "Compress then Merge: From Multiple LoRAs into One Low-Rank Adapter",
+              "He, Zhengbao and Ding, Ruiqi and Huang, Zhehao and Yang, Ruikai and Li, Tao and Huang, Xiaolin", 2026,
+              "https://arxiv.org/abs/2606.03723", "ICML 2026")
+
+
+@method("ctm", params=CtmParams, pretty_name="Compress-then-Merge", paper=PAPER)
 @over_present_tasks
-def ctm(factors, weights, params: CtmParams) -> ModuleResult:
+def ctm(factors, weights, params: CtmParams, ctx) -> ModuleResult:
     """Project every adapter onto shared rank-r subspaces (Tucker-2), merge the r×r coordinates, lift back."""
     r = params.rank or max(f.rank for f in factors)
     Qb, core, QaT = factored_core_space(weighted(factors, weights))
     M = torch.stack(core.cores)
     U0, U1 = tucker2(reweight(M, params.beta), r, params.tol, params.max_iter)
     C = U0.T @ M @ U1
-    merged = params.lambda_ * apply_rule(C, params)
+    merged = params.lambda_ * apply_rule(C, params, ctx)
     P, Qt = Qb @ (core.U @ U0), (U1.T @ core.V) @ QaT  # P = U_B U0, Qᵀ = U1ᵀ V_A
     out, stats = truncate(svd_in_bases(P, merged, Qt), None, factors[0].shape)
     total = float(M.square().sum())

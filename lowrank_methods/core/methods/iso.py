@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lowrank_methods.core.method import MethodParams, Rank, method
+from lowrank_methods.core.method import Paper, method
+
+from lowrank_methods.core.params import Rank, ScaledParams
 
 from lowrank_methods.core.types import ModuleResult
-from lowrank_methods.core.rules import RuleParams, over_present_tasks
+from lowrank_methods.core.rules import IsoCRule, IsoCtsRule, over_present_tasks
 from lowrank_methods.core.methods.core_space import merge_in_core_space
 
 
-class IsoCParams(MethodParams):
+PAPER = Paper("marczak2025notask", "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+              "Subspaces", "Marczak, Daniel and Magistri, Simone and Cygert, Sebastian and Twardowski, Bart{\\l}omiej and "
+              "Bagdanov, Andrew D. and van de Weijer, Joost", 2025, "https://arxiv.org/abs/2502.04959", "ICML 2025")
+
+
+class IsoCParams(ScaledParams):
     rank: Rank = None
 
 
@@ -25,19 +32,16 @@ class IsoCtsParams(IsoCParams):
     common_space_fraction: float = Field(0.8, gt=0, le=1)
 
 
-@method("iso_c", params=IsoCParams, pretty_name="Iso-C (isotropic merging)", reference_url="https://arxiv.org/abs/2502.04959")
+@method("iso_c", params=IsoCParams, pretty_name="Iso-C (isotropic merging)", paper=PAPER)
 @over_present_tasks
-def iso_c(factors, weights, params: IsoCParams) -> ModuleResult:
+def iso_c(factors, weights, params: IsoCParams, ctx) -> ModuleResult:
     """Task-arithmetic sum with its nonzero singular values set to their mean (rank-aware Iso-C)."""
-    rule = RuleParams(rule="iso_c", lambda_=params.lambda_, module=params.module)
-    return merge_in_core_space(factors, weights, rule, params.rank)
+    return merge_in_core_space(factors, weights, IsoCRule(), params.rank, params.lambda_, ctx)
 
 
-@method("iso_cts", params=IsoCtsParams, pretty_name="Iso-CTS (common + task-specific)",
-        reference_url="https://arxiv.org/abs/2502.04959")
+@method("iso_cts", params=IsoCtsParams, pretty_name="Iso-CTS (common + task-specific)", paper=PAPER)
 @over_present_tasks
-def iso_cts(factors, weights, params: IsoCtsParams) -> ModuleResult:
+def iso_cts(factors, weights, params: IsoCtsParams, ctx) -> ModuleResult:
     """Common and task-specific subspaces with a flat spectrum (rank-aware Iso-CTS)."""
-    rule = RuleParams(rule="iso_cts", common_space_fraction=params.common_space_fraction,
-                      lambda_=params.lambda_, module=params.module)
-    return merge_in_core_space(factors, weights, rule, params.rank)
+    rule = IsoCtsRule(common_space_fraction=params.common_space_fraction)
+    return merge_in_core_space(factors, weights, rule, params.rank, params.lambda_, ctx)

@@ -12,7 +12,8 @@ from typing import Literal
 import torch
 
 from lowrank_methods.core.linalg import numerical_rank, svd_of_product, truncate, weighted
-from lowrank_methods.core.method import Rank, method
+from lowrank_methods.core.method import Paper, method
+from lowrank_methods.core.params import Rank
 from lowrank_methods.core.types import ModuleResult
 from lowrank_methods.core.rules import RuleParams, apply_rule, over_present_tasks
 
@@ -37,14 +38,19 @@ def aligned_components(factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return Qb @ u, s, V
 
 
-@method("knots", params=KnotsParams, pretty_name="KnOTS", reference_url="https://arxiv.org/abs/2410.19735")
+PAPER = Paper("stoica2025knots", "Model merging with SVD to tie the KnOTS", "Stoica, George and Ramesh, Pratik and "
+              "Ecsedi, Boglarka and Choshen, Leshem and Hoffman, Judy", 2025, "https://arxiv.org/abs/2410.19735",
+              "ICLR 2025")
+
+
+@method("knots", params=KnotsParams, pretty_name="KnOTS", paper=PAPER)
 @over_present_tasks
-def knots(factors, weights, params: KnotsParams) -> ModuleResult:
+def knots(factors, weights, params: KnotsParams, ctx) -> ModuleResult:
     """One SVD of the concatenated updates gives a shared U; a rule merges the per-task V's (per module)."""
     U, S, V = aligned_components(weighted(factors, weights))
     if params.scale_by_sigma:
-        merged, B = apply_rule(S[:, None] * V, params), U
+        merged, B = apply_rule(S[:, None] * V, params, ctx), U
     else:
-        merged, B = apply_rule(V, params), U * S
+        merged, B = apply_rule(V, params, ctx), U * S
     out, stats = truncate(svd_of_product(params.lambda_ * B, merged), params.rank, factors[0].shape)
     return ModuleResult(out, stats)

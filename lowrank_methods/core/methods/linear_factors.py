@@ -11,22 +11,24 @@ import math
 from lowrank_methods.core.errors import RecipeError
 from lowrank_methods.core.linalg import svd_of_product, truncate
 from lowrank_methods.core.rules import over_present_tasks
-from lowrank_methods.core.method import MethodParams, method
+from lowrank_methods.core.method import Link, method
+from lowrank_methods.core.params import ScaledParams
 from lowrank_methods.core.types import ModuleResult
 
 
-def check_equal_ranks(params: MethodParams, weights, ranks) -> None:
+def check_equal_ranks(params: ScaledParams, weights, ranks) -> None:
     """Averaging A's and B's needs one rank among the adapters that have the module."""
     present = sorted({k for k in ranks if k})
     if len(present) > 1:
         raise RecipeError(f"linear_factors needs every adapter to have the same rank, got ranks {present}; "
-                          "use mtc, core_space or ctm instead", module=params.module or None)
+                          "use mtc, core_space or ctm instead")
 
 
-@method("linear_factors", params=MethodParams, pretty_name="Linear on factors (PEFT legacy, for comparison)",
-        reference_url="https://huggingface.co/docs/peft/main/en/developer_guides/model_merging", check=check_equal_ranks)
+@method("linear_factors", pretty_name="Linear on factors (PEFT legacy, for comparison)", check=check_equal_ranks,
+        link=Link("PEFT `add_weighted_adapter(combination_type=\"linear\")`",
+                  "https://huggingface.co/docs/peft/developer_guides/model_merging"))
 @over_present_tasks
-def linear_factors(factors, weights, params: MethodParams) -> ModuleResult:
+def linear_factors(factors, weights, params: ScaledParams, ctx) -> ModuleResult:
     """Weighted sums of the A's and of the B's (PEFT's `linear`); not a merge of the updates. Comparison only."""
     check_equal_ranks(params, weights, [f.rank for f in factors])
     A = sum(math.copysign(math.sqrt(abs(w)), w) * f.A for f, w in zip(factors, weights))

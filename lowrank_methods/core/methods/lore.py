@@ -5,7 +5,7 @@ Per weight matrix, estimate a shared base θ0 and low-rank task parts δ_i from 
 by block coordinate descent: θ0 ← Σ p_i (θ_i − δ_i), then δ_i ← SVT_τ(θ_i − θ0), from θ0 = mean θ_i, δ_i = 0.
 The merged weight is θ0 + λ·rule(δ_1..δ_n) with rule average or TIES; 1-D tensors are averaged.
 
-This is a dense, full-model method: it runs inside mergekit (``mergekit_method()``), not the factor registry.
+This is a dense, full-model method: it runs inside mergekit (``mergekit_plugin/lore.py``), not the factor registry.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from typing import Literal, Sequence
 import torch
 
 from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.method import Paper
 from lowrank_methods.core.rules import ties
 
+PAPER = Paper("liu2025lore", "LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging",
+              "Liu, Zehua and Wu, Han and Yao, Yuxuan and She, Ruifeng and Han, Xiongwei and Zhong, Tao and "
+              "Yuan, Mingxuan", 2025, "https://arxiv.org/abs/2502.10749")
 SUMMARY = "LoRE-Merging of full fine-tuned models (base-free low-rank estimation); runs through mergekit"
 DEFAULT_TAU = 0.01  # the μ = 0.01 of a third-party reimplementation, read as the SVT threshold (docs/methods/lore.md)
 
@@ -195,7 +199,7 @@ def lore_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None 
     try:
         p = _probabilities(weights, len(tensors))
     except ValueError as e:
-        raise MergeError(f"lore: {e}; fix the `weight` parameters", module=name) from None
+        raise MergeError(f"lore: {e}; fix the `weight` parameters", module=name) from e
     if tau is not None and energy is not None:
         raise MergeError("lore: give either `tau` or `energy`, not both", module=name)
     if rule not in ("average", "ties"):
@@ -215,52 +219,5 @@ def lore_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None 
     return (dec.base + lambda_ * merged).reshape(shape).to(dtype)
 
 
-def mergekit_method():
-    """The mergekit 0.1.5 method object named "lore"; register it with ``mergekit.merge_methods.register``.
-
-    Base policy OPTIONAL: LoRE estimates its own base, so a configured ``base_model`` (which mergekit adds to
-    the inputs) is dropped from every tensor group; it still serves mergekit as the config/tokenizer donor.
-    """
-    from typing import Optional
-
-    from mergekit.merge_methods import BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec, ParameterScope
-    from mergekit.merge_methods.base import ParameterSpec
-    from pydantic import Field
-    from typing_extensions import Annotated
-
-    spec = MergeMethodSpec(
-        name="lore",
-        pretty_name="LoRE-Merging",
-        reference_url="https://arxiv.org/abs/2502.10749",
-        contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1),
-        parameters=(
-            ParameterSpec("weight", Annotated[float, Field(ge=0)], ParameterScope.INPUT, default=1.0,
-                          description="weight of this model in θ0 and in the δ merge"),
-            ParameterSpec("tau", Optional[Annotated[float, Field(ge=0)]], ParameterScope.SHARED, default=None,
-                          description=f"SVT threshold τ (absolute; default {DEFAULT_TAU} unless energy is given)"),
-            ParameterSpec("energy", Optional[Annotated[float, Field(gt=0, le=1)]], ParameterScope.SHARED,
-                          default=None, description="set τ per matrix so kept components carry this energy"),
-            ParameterSpec("iterations", Annotated[int, Field(ge=0)], ParameterScope.SHARED, default=20),
-            ParameterSpec("tol", Annotated[float, Field(ge=0)], ParameterScope.SHARED, default=1e-5),
-            ParameterSpec("rule", Literal["average", "ties"], ParameterScope.SHARED, default="average"),
-            ParameterSpec("density", Annotated[float, Field(gt=0, le=1)], ParameterScope.SHARED, default=1.0,
-                          description="TIES: fraction of entries of each δ kept"),
-            ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
-        ),
-    )
-
-    class LoreMergeMethod(GroupMergeMethod):
-        def __init__(self):
-            self.spec = spec
-
-        def merge_group(self, group, /, *, weight, tau, energy, iterations, tol, rule, density, **rest):
-            entries = group.non_base if group.base is not None else group.entries
-            return lore_merge([e.tensor for e in entries], weight.values_for(entries), tau=tau, energy=energy,
-                              iterations=iterations, tol=tol, rule=rule, density=density, lambda_=rest["lambda"],
-                              name=group.metadata.name)
-
-    return LoreMergeMethod()
-
-
-__all__ = ["svt", "energy_threshold", "lore_decompose", "lore_merge", "mergekit_method", "Thresholded",
+__all__ = ["svt", "energy_threshold", "lore_decompose", "lore_merge", "Thresholded",
            "LoreDecomposition", "DEFAULT_TAU"]

@@ -29,11 +29,15 @@ from pydantic import Field, model_validator
 
 from lowrank_methods.core.errors import MergeError
 from lowrank_methods.core.linalg import LowRankSVD, svd_of_sum, truncate
-from lowrank_methods.core.method import MethodParams, Rank, method
+from lowrank_methods.core.method import Paper, method
+from lowrank_methods.core.params import Rank, ScaledParams
 from lowrank_methods.core.types import ModuleResult
-from lowrank_methods.core.rules import (RuleName, RuleParams, dare, elect_and_merge, l1_rescale, magnitude_threshold, mergekit_threshold,
-                     module_generator, over_present_tasks, weighted_disjoint_merge)
+from lowrank_methods.core.rules import (RuleName, RuleParams, dare, default_tsv_components, elect_and_merge, l1_rescale,
+                                        magnitude_threshold, mergekit_threshold, over_present_tasks,
+                                        weighted_disjoint_merge)
+from lowrank_methods.core.methods import ctm
 from lowrank_methods.core.methods.core_space import merge_in_core_space
+from lowrank_methods.core.types import MethodContext
 
 DENSE_RULES = ("ties", "dare", "dare_ties")  # elementwise: computed on the dense updates, result not low-rank
 BLOCK_ELEMENTS = 1 << 24  # T·rows·n per dense block (64 MiB in float32); fixed, so DARE draws are reproducible
@@ -55,7 +59,7 @@ class MtcParams(RuleParams):
 _NO_EFFECT = "accepted because mergekit's method takes it; it does not change the result"
 
 
-class TaskArithmeticParams(MethodParams):  # mergekit's task_arithmetic: its parameters, plus our `rank`
+class TaskArithmeticParams(ScaledParams):  # mergekit's task_arithmetic: its parameters, plus our `rank`
     rank: Rank = None
     normalize: bool = Field(False, description="divide by Σ w_t (mergekit's default for task_arithmetic: false)")
     int8_mask: bool = Field(False, description=_NO_EFFECT)
@@ -63,7 +67,7 @@ class TaskArithmeticParams(MethodParams):  # mergekit's task_arithmetic: its par
     density: float = Field(1.0, description=_NO_EFFECT + " (task_arithmetic sparsifies nothing)")
 
 
-class LinearParams(MethodParams):  # mergekit's linear: weight and normalize, plus our `rank`
+class LinearParams(ScaledParams):  # mergekit's linear: weight and normalize, plus our `rank`
     rank: Rank = None
     normalize: bool = Field(True, description="divide by Σ w_t; false needs Σ w_t = 1 (else W0 itself is rescaled)")
 
@@ -75,7 +79,7 @@ class LinearParams(MethodParams):  # mergekit's linear: weight and normalize, pl
         return self
 
 
-class TiesParams(MethodParams):  # mergekit's ties: its parameters (and defaults), plus our `rank`
+class TiesParams(ScaledParams):  # mergekit's ties: its parameters (and defaults), plus our `rank`
     rank: Rank = None
     normalize: bool = Field(True, description="divide by the sum of the weights of the agreeing entries")
     density: float = Field(1.0, ge=0, le=1, description="fraction of each task's entries kept, by magnitude")
@@ -101,7 +105,8 @@ def _check_linear(params: LinearParams, weights, ranks) -> None:
                          "rescales the base model itself; use task_arithmetic for Σ w_t ΔW_t, or weights summing to 1")
 
 
-def _merge_then_compress(factors, weights, params: MtcParams | TaskArithmeticParams | LinearParams) -> ModuleResult:
+def _merge_then_compress(factors, weights, params: MtcParams | TaskArithmeticParams | LinearParams,
+                         ctx: MethodContext) -> ModuleResult:
     shape = factors[0].shape
     if getattr(params, "rule", "ta") == "ta":
         if isinstance(params, LinearParams):  # _check_linear refused Σw ≈ 0 (normalize) and Σw ≠ 1 (not)
@@ -110,16 +115,18 @@ def _merge_then_compress(factors, weights, params: MtcParams | TaskArithmeticPar
             scale = params.lambda_ / _weight_sum(weights) if params.normalize else params.lambda_
         merged, stats = truncate(svd_of_sum(factors, [scale * w for w in weights]), params.rank, shape)
         return ModuleResult(merged, stats)
-    return _merge_by_rule(factors, weights, params)
+    return _merge_by_rule(factors, weights, params, ctx)
 
 
 @over_present_tasks  # (ta above keeps every adapter: `normalize` divides by all weights, as mergekit does)
-def _merge_by_rule(factors, weights, params: MtcParams) -> ModuleResult:
+def _merge_by_rule(factors, weights, params: MtcParams, ctx: MethodContext) -> ModuleResult:
     shape = factors[0].shape
+    if params.rule == "tsv":
+        k = params.tsv_components or default_tsv_components(shape, len(factors))
+        params = params.model_copy(update={"tsv_components": k})
     if params.rule in ("tsv", "iso_c", "iso_cts"):
-        k = params.tsv_components or max(1, min(shape) // len(factors))
-        return merge_in_core_space(factors, weights, params.model_copy(update={"tsv_components": k}), params.rank)
-    return _compress_dense(params.lambda_ * dense_elementwise_merge(factors, weights, params), params.rank, shape)
+        return merge_in_core_space(factors, weights, params, params.rank, params.lambda_, ctx)
+    return _compress_dense(params.lambda_ * dense_elementwise_merge(factors, weights, params, ctx), params.rank, shape)
 
 
 def _compress_dense(dense: torch.Tensor, rank, shape) -> ModuleResult:
@@ -131,7 +138,7 @@ def _compress_dense(dense: torch.Tensor, rank, shape) -> ModuleResult:
     return ModuleResult(merged, stats)
 
 
-def dense_elementwise_merge(factors, weights, params: RuleParams) -> torch.Tensor:
+def dense_elementwise_merge(factors, weights, params: RuleParams, ctx: MethodContext) -> torch.Tensor:
     """ties / dare / dare_ties on the dense w_t ΔW_t, formed block of rows by block of rows.
 
     TIES thresholds need a task's whole matrix: a first pass forms one task at a time (after its DARE drops,
@@ -144,7 +151,7 @@ def dense_elementwise_merge(factors, weights, params: RuleParams) -> torch.Tenso
     device = factors[0].B.device
 
     def generators():
-        return [module_generator(params, device, f"#{t}") for t in range(len(factors))] if drops else None
+        return [ctx.generator(params.seed, device, f"#{t}") for t in range(len(factors))] if drops else None
 
     def task_block(t, start, gens):
         x = weights[t] * (factors[t].B[start:start + rows] @ factors[t].A)
@@ -205,31 +212,36 @@ def _weight_sum(weights) -> float:
     return 1.0 if abs(total) < 1e-8 else total  # mergekit's guard against a zero divisor
 
 
-@method("mtc", params=MtcParams, pretty_name="Merge-then-Compress", reference_url="https://arxiv.org/abs/2606.03723")
-def mtc(factors, weights, params: MtcParams) -> ModuleResult:
+@method("mtc", params=MtcParams, pretty_name="Merge-then-Compress", paper=ctm.PAPER)  # the baseline that paper defines
+def mtc(factors, weights, params: MtcParams, ctx) -> ModuleResult:
     """Merge with a rule, then truncate to the best rank-`rank` approximation."""
-    return _merge_then_compress(factors, weights, params)
+    return _merge_then_compress(factors, weights, params, ctx)
 
 
-@method("task_arithmetic", params=TaskArithmeticParams, pretty_name="Task Arithmetic",
-        reference_url="https://arxiv.org/abs/2212.04089", in_mergekit=False)
-def task_arithmetic(factors, weights, params: TaskArithmeticParams) -> ModuleResult:
+@method("task_arithmetic", params=TaskArithmeticParams, pretty_name="Task Arithmetic", in_mergekit=False,
+        paper=Paper("ilharco2023editing", "Editing Models with Task Arithmetic", "Ilharco, Gabriel and others", 2023,
+                    "https://arxiv.org/abs/2212.04089", "ICLR 2023"))
+def task_arithmetic(factors, weights, params: TaskArithmeticParams, ctx) -> ModuleResult:
     """λ Σ_t w_t ΔW_t (mergekit's task_arithmetic on adapters), exact or truncated to `rank`."""
-    return _merge_then_compress(factors, weights, params)
+    return _merge_then_compress(factors, weights, params, ctx)
 
 
-@method("linear", params=LinearParams, pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482",
-        in_mergekit=False, check=_check_linear)
-def linear(factors, weights, params: LinearParams) -> ModuleResult:
+@method("linear", params=LinearParams, pretty_name="Linear", in_mergekit=False, check=_check_linear,
+        paper=Paper("wortsman2022soups", "Model soups: averaging weights of multiple fine-tuned models improves "
+                    "accuracy without increasing inference time", "Wortsman, Mitchell and others", 2022,
+                    "https://arxiv.org/abs/2203.05482", "ICML 2022"))
+def linear(factors, weights, params: LinearParams, ctx) -> ModuleResult:
     """Σ_t w_t ΔW_t / Σ_t w_t (mergekit's linear on base+adapter models), exact or truncated to `rank`."""
     _check_linear(params, weights, [f.rank for f in factors])  # also for callers that skip the engine's checks
-    return _merge_then_compress(factors, weights, params)
+    return _merge_then_compress(factors, weights, params, ctx)
 
 
-@method("ties", params=TiesParams, pretty_name="TIES", reference_url="https://arxiv.org/abs/2306.01708",
-        in_mergekit=False)
+@method("ties", params=TiesParams, pretty_name="TIES", in_mergekit=False,
+        paper=Paper("yadav2023ties", "TIES-Merging: Resolving Interference When Merging Models", "Yadav, Prateek and "
+                    "Tam, Derek and Choshen, Leshem and Raffel, Colin and Bansal, Mohit", 2023,
+                    "https://arxiv.org/abs/2306.01708", "NeurIPS 2023"))
 @over_present_tasks  # an absent adapter's zeros never agree with the elected sign: dropping it changes nothing
-def ties(factors, weights, params: TiesParams) -> ModuleResult:
+def ties(factors, weights, params: TiesParams, ctx) -> ModuleResult:
     """mergekit's TIES on the adapters' updates (weighted disjoint merge), truncated to `rank`."""
     return _compress_dense(params.lambda_ * mergekit_ties_merge(factors, weights, params), params.rank,
                            factors[0].shape)

@@ -18,7 +18,8 @@ from pydantic import Field
 from lowrank_methods.core.errors import RecipeError
 from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.linalg import svd_of_product
-from lowrank_methods.core.method import MethodParams, method
+from lowrank_methods.core.method import Paper, method
+from lowrank_methods.core.params import MethodParams
 from lowrank_methods.core.types import ModuleResult
 
 PARTS = ("B", "A")  # bundle tensor suffixes: positions are the m rows of B, then the n columns of A
@@ -93,21 +94,22 @@ def max_components(T: int, center: bool) -> int:
 
 
 def check_rmm(params: RmmParams, weights, ranks) -> None:
-    """What rmm refuses before computing: p beyond the exact point, lambda, non-positive weights."""
+    """What rmm refuses before computing: p beyond the exact point, non-positive weights."""
     T = len(ranks)
     limit = max_components(T, params.center)
     if params.p > limit:
         raise RecipeError(f"rmm: p={params.p} is larger than possible for {T} adapters (center={params.center}): "
                           f"p={limit} already reconstructs every adapter exactly; use p <= {limit}")
-    if params.lambda_ != 1.0:
-        raise RecipeError("rmm rebuilds each adapter as it was; lambda does not apply to it, remove it from the recipe")
     if any(w <= 0 for w in weights):
         raise RecipeError(f"rmm weights are the tasks' importance in the PCA and must be > 0, got {list(weights)}")
 
 
-@method("rmm", params=RmmParams, pretty_name="Reversible Model Merging", reference_url="https://arxiv.org/abs/2510.14163",
-        output="bundle", check=check_rmm)
-def rmm(factors, weights, params: RmmParams) -> ModuleResult:
+PAPER = Paper("alipour2025reversible", "Towards Reversible Model Merging For Low-rank Weights",
+              "Alipour, Mohammadsajad and Mohammadi Amiri, Mohammad", 2025, "https://arxiv.org/abs/2510.14163")
+
+
+@method("rmm", params=RmmParams, pretty_name="Reversible Model Merging", paper=PAPER, output="bundle", check=check_rmm)
+def rmm(factors, weights, params: RmmParams, ctx) -> ModuleResult:
     """A basis + per-task coefficients from which every adapter is rebuilt (exact at p = T−1, centred)."""
     check_rmm(params, weights, [f.rank for f in factors])
     T = len(factors)

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 from pydantic import PositiveInt
 
-from lowrank_methods.core.method import MethodParams, Rank, method
+from lowrank_methods.core.method import Paper, method
+
+from lowrank_methods.core.params import Rank, ScaledParams
 
 from lowrank_methods.core.types import ModuleResult
-from lowrank_methods.core.rules import RuleParams, over_present_tasks
+from lowrank_methods.core.rules import TsvRule, default_tsv_components, over_present_tasks
 from lowrank_methods.core.methods.core_space import merge_in_core_space
 
 
-class TsvParams(MethodParams):
+PAPER = Paper("gargiulo2025tsv", "Task Singular Vectors: Reducing Task Interference in Model Merging",
+              "Gargiulo, Antonio Andrea and Crisostomi, Donato and Bucarelli, Maria Sofia and Scardapane, Simone "
+              "and Silvestri, Fabrizio and Rodol{\\`a}, Emanuele", 2025, "https://arxiv.org/abs/2412.00081", "CVPR 2025")
+
+
+class TsvParams(ScaledParams):
     rank: Rank = None
     tsv_components: PositiveInt | None = None  # triplets per task; None: ⌊min(m, n)/T⌋ as in the reference
 
 
-@method("tsv", params=TsvParams, pretty_name="TSV-M (Task Singular Vectors)", reference_url="https://arxiv.org/abs/2412.00081")
+@method("tsv", params=TsvParams, pretty_name="TSV-M (Task Singular Vectors)", paper=PAPER)
 @over_present_tasks
-def tsv(factors, weights, params: TsvParams) -> ModuleResult:
+def tsv(factors, weights, params: TsvParams, ctx) -> ModuleResult:
     """Per-task singular vectors, decorrelated by polar factors (exact dense TSV-M, computed in core space)."""
-    m, n = factors[0].shape
-    k = params.tsv_components or max(1, min(m, n) // len(factors))
-    rule = RuleParams(rule="tsv", tsv_components=k, lambda_=params.lambda_, module=params.module)
-    return merge_in_core_space(factors, weights, rule, params.rank)
+    k = params.tsv_components or default_tsv_components(factors[0].shape, len(factors))
+    return merge_in_core_space(factors, weights, TsvRule(tsv_components=k), params.rank, params.lambda_, ctx)
