@@ -21,12 +21,7 @@ Q, V = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
 HEAD = "base_model.model.score.weight"  # a modules_to_save tensor that task "a" carries
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only spin
 
 
 @pytest.fixture(scope="module")
