@@ -268,3 +268,22 @@ def lore_ties_reference(stack, density):
         agree = [f[j] for f in flat if f[j] != 0 and np.sign(f[j]) == s]
         out[j] = sum(agree) / len(agree) if agree else 0.0
     return out.reshape(stack[0].shape)
+
+
+def full_finetunes(root: Path, model, n: int = 3, *, vector_scale: float = 0.0, noise: float = 0.0, seed: int = 1) -> Path:
+    """``model`` saved as ``root/base`` and ``n`` full fine-tunes ``root/ft{i}`` of it: every matrix gets a rank-2 task
+    update (×0.05), every vector ``vector_scale``·N(0, 1), every tensor ``noise``·N(0, 1) on top; seeded."""
+    model.save_pretrained(root / "base")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                w = base[name]
+                if w.ndim == 2:
+                    task = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.05
+                else:
+                    task = vector_scale * torch.randn(w.shape, generator=g) if vector_scale else torch.zeros_like(w)
+                p.copy_(w + task + (noise * torch.randn(w.shape, generator=g) if noise else 0))
+        model.save_pretrained(root / f"ft{i}")
+    return root

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import tiny_llama
+from helpers import full_finetunes, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
@@ -19,20 +19,8 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
 @pytest.fixture(scope="module")
 def finetunes(tmp_path_factory):
     """A tiny Llama base and three full fine-tunes of it (base + a rank-2 task update on every matrix)."""
-    root = tmp_path_factory.mktemp("finetunes")
-    model = tiny_llama(hidden=32, heads=4, vocab=64)
-    model.save_pretrained(root / "base")
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    for i in range(3):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                w = base[name]
-                task = (torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.05
-                        if w.ndim == 2 else 0.01 * torch.randn(w.shape, generator=g))
-                p.copy_(w + task)
-        model.save_pretrained(root / f"ft{i}")
-    return root
+    return full_finetunes(tmp_path_factory.mktemp("finetunes"), tiny_llama(hidden=32, heads=4, vocab=64),
+                          vector_scale=0.01)
 
 
 @pytest.mark.parametrize("method,parameters", [("tsv", "{}"), ("iso_c", "{lambda: 0.8}"), ("ctm", "{rank: 2}")])

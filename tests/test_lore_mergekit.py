@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import lore_reference, lore_ties_reference, tiny_llama
+from helpers import full_finetunes, lore_reference, lore_ties_reference, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = {"hidden": 64, "heads": 4, "vocab": 128}  # the tiny base model's sizes
@@ -49,22 +49,7 @@ def _load_merged(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def full_models(tmp_path_factory):
     """A base and three 'full fine-tunes': base + a rank-2 task part + small noise on every tensor."""
-    root = tmp_path_factory.mktemp("lore_full")
-    model = tiny_llama(**LLAMA)
-    model.save_pretrained(root / "base")
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    for i in range(3):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                w = base[name]
-                if w.ndim == 2:
-                    task = torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.05
-                else:
-                    task = torch.zeros_like(w)
-                p.copy_(w + task + 0.002 * torch.randn(w.shape, generator=g))
-        model.save_pretrained(root / f"ft{i}")
-    return root
+    return full_finetunes(tmp_path_factory.mktemp("lore_full"), tiny_llama(**LLAMA), noise=0.002)
 
 
 def test_mergekit_yaml_runs_lore_on_full_models(full_models, tmp_path):
