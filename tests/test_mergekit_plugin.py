@@ -231,6 +231,28 @@ def test_mergekit_yaml_adapter_output_equals_our_cli(patched, tmp):
         "Error: unknown merge_method 'ctmm'; did you mean 'ctm'?"]
 
 
+def test_mergekit_yaml_takes_a_rank_budget(patched, tmp):
+    """`rank_budget` through the stock command: the same adapter as our CLI, with ranks spread over modules."""
+    import json
+
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from lowrank_methods.cli import main as ours
+
+    mods = {f"model.layers.{i}.self_attn.q_proj": (12, 10) for i in range(2)} | {"model.layers.0.mlp.down_proj": (10, 30)}
+    adapters = [(write_adapter(tmp / f"a{i}", mods, r=3, seed=i), None) for i in range(3)]
+    recipe = write_recipe(tmp / "r.yml", "task_arithmetic", adapters, {"rank_budget": 3})
+    runner = CliRunner()
+    got = runner.invoke(mergekit_yaml, [str(recipe), str(tmp / "mk"), "--no-write-model-card", "--quiet"])
+    assert got.exit_code == 0, got.output
+    assert runner.invoke(ours, ["merge", str(recipe), str(tmp / "cli"), "--quiet"]).exit_code == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp / "mk" / name).read_bytes() == (tmp / "cli" / name).read_bytes()
+    config = json.loads((tmp / "mk" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"] == config["rank_pattern"]
+
+
 @pytest.mark.gpu
 def test_cuda_device_merges_on_gpu(patched, tmp):
     if not torch.cuda.is_available():

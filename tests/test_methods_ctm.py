@@ -103,3 +103,14 @@ def test_ctm_ta_is_a_projection_of_task_arithmetic():
 def test_ctm_default_rank_is_the_largest_input_rank():
     fs = random_factors((3, 2, 4), seed=17)
     assert run("ctm", fs, rule="ta").factors.rank == 4
+
+
+def test_low_rank_iso_cts_as_the_reference_keeps_one_direction_per_task():
+    """r = 8, T = 4: at the defaults (⌊0.8·8⌋ = 6 common, round(2/4) = 0 per task) ctm's iso_cts is iso_c; with
+    task_directions 1 it keeps r − T = 4 common directions and 1 per task (the reference code's split)."""
+    fs = random_factors((8, 8, 8, 8), seed=15, m=20, n=18)
+    default = run("ctm", fs, rank=8, rule="iso_cts").factors.dense()
+    torch.testing.assert_close(default, run("ctm", fs, rank=8, rule="iso_c").factors.dense(), rtol=0, atol=1e-12)
+    reference = run("ctm", fs, rank=8, rule="iso_cts", task_directions=1).factors.dense()
+    assert (reference - default).norm() > 1e-3 * default.norm()
+    assert rank_of(reference) <= 8

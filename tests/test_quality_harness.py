@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.quality import report
 from benchmarks.quality.evaluate import Evaluator, evaluate_adapter_factors
-from benchmarks.quality.harness import run_benchmark
+from benchmarks.quality.harness import norm_spread, run_benchmark
 from benchmarks.quality.methods import load_factors
 from benchmarks.quality.model import Encoder, accuracy
 from benchmarks.quality.tasks import Task, balanced_splits, parse_synset
@@ -127,8 +127,51 @@ def test_harness_end_to_end(bench, tmp_path):
     doc.write_text(f"# Benchmarks\n\n## Scale\nkeep me\n\n{report.BEGIN}\nold\n{report.END}\n\ntail\n")
     report.publish(tmp_path / "results", doc, tmp_path / "img" / "quality.png")
     out = doc.read_text()
-    assert "keep me" in out and out.endswith("tail\n") and "old" not in out and "peft:svd" in out
+    assert "keep me" in out and out.endswith("tail\n") and "\nold\n" not in out and "peft:svd" in out
     assert (tmp_path / "img" / "quality.png").stat().st_size > 1000
+    assert (tmp_path / "img" / "quality-size.png").stat().st_size > 1000
+
+
+def test_rows_keep_per_item_results_and_compare_with_mtc(bench):
+    """Every scored row keeps its per-item test results; rows with a rule are compared with mtc[rule] by the
+    paired bootstrap, and the budgeted rows stay within the uniform rank's parameters."""
+    from benchmarks.quality.stats import unpack
+
+    _, _, tasks, evaluator, dirs = bench
+    result = run_benchmark(evaluator, dirs, set_name="main", quick=(1.0,), peers=False, log=lambda *_: None,
+                           methods=["mtc", "ctm", "tsv", "tsv+budget16", "task_arithmetic+budget16"])
+    by = {row.label: row for row in result.rows}
+    for row in result.rows:
+        if row.normalized and row.label != "individual adapters":  # that row is each adapter on its own task
+            assert {t: unpack(row.correct[t]).float().mean().item() for t in tasks} == pytest.approx(row.accuracy)
+    versus = report.versus_mtc(result)
+    assert versus["ctm[ties]"][0] == "mtc[ties]" and versus["tsv"][0] == "mtc[tsv]"
+    d = versus["ctm[ties]"][1]
+    assert d.low <= d.value <= d.high
+    assert d.value == pytest.approx(by["ctm[ties]"].mean - by["mtc[ties]"].mean, abs=1e-9)
+    assert "tsv+budget16" in by and by["tsv+budget16"].size_mb <= by["mtc[tsv]"].size_mb + 1e-9
+    assert result.norm_spread == norm_spread(load_factors([dirs[t] for t in tasks]))
+
+    # --resume: rows of an earlier run are kept, not recomputed; the others run in the order asked for
+    lines = []
+    again = run_benchmark(evaluator, dirs, set_name="main", quick=(1.0,), peers=False, log=lines.append,
+                          methods=["tsv", "iso_c", "mtc"], done=result.rows)
+    merges = [r.label for r in again.rows if r.source != "baseline"]
+    assert merges[-1] == "iso_c" and "tsv" in merges and "ctm[ties]" not in merges
+    assert not any(line.strip().startswith(("tsv ", "mtc[")) for line in lines)
+    assert [line.split()[0] for line in lines if "validation" in line] == ["iso_c"]
+    assert again.complete and {r.label: r.mean for r in again.rows if r.label == "tsv"} == {"tsv": by["tsv"].mean}
+
+
+def test_norm_spread():
+    """Per module max/min of the tasks' ‖B A‖_F (a zero update is no task there); median over modules."""
+    from lowrank_methods.core.types import LoraFactors
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
+    one = lambda s: LoraFactors(A, s * B)  # noqa: E731
+    spread = norm_spread({"a": [one(1), one(4)], "b": [one(2), one(3), one(0)], "c": [one(1), one(10)]})
+    assert spread == pytest.approx({"median": 4.0, "min": 1.5, "max": 10.0})
 
 
 def test_synset_parsing_and_balanced_splits():

@@ -44,6 +44,24 @@ def test_ties_identical_inputs_density_one_is_identity():
     assert torch.equal(ties(x[None], 1.0), x)
 
 
+def reference_topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """The TIES / Compress-then-Merge reference code's trim, written out: k = n − ⌊n·d⌋, keep |x| ≥ the k-th smallest."""
+    flat = x.abs().flatten()
+    k = flat.numel() - int(flat.numel() * density)
+    return x.abs() >= flat.kthvalue(k).values
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.9])
+def test_ties_keep_count_floor_plus_one_is_the_reference_trim(density):
+    X = torch.randn(3, 8, 9, generator=torch.Generator().manual_seed(4), dtype=D)
+    mine = ties(X, density, "total", "floor+1")
+    trimmed = torch.stack([x * reference_topk_mask(x, density) for x in X])
+    torch.testing.assert_close(mine, ties(trimmed, 1.0, "total"), rtol=0, atol=0)
+    counts = [int(reference_topk_mask(x, density).sum()) for x in X]
+    assert counts == [int(72 * density) + 1] * 3
+    assert not torch.equal(mine, ties(X, density, "total"))  # the default keeps one entry fewer per task
+
+
 # -- DARE ----------------------------------------------------------------------------------------------
 def test_dare_p0_is_identity():
     X = torch.randn(3, 4, 5, dtype=D)
@@ -126,6 +144,14 @@ def test_iso_c_has_a_flat_spectrum_on_the_support_of_the_sum():
 def test_iso_cts_matches_dense_reference(fraction):
     X = low_rank_stack([2, 3, 1, 2])
     torch.testing.assert_close(iso_cts(X, fraction), iso_cts_reference(X, fraction), rtol=0, atol=1e-10)
+
+
+def test_iso_cts_task_directions_sets_the_split():
+    """s = task_directions directly: D = 8, T = 4, s = 1 is the split common_space_fraction 0.5 also gives."""
+    X = low_rank_stack([2, 2, 2, 2])
+    torch.testing.assert_close(iso_cts(X, 0.8, task_directions=1), iso_cts(X, 0.5), rtol=0, atol=1e-12)
+    torch.testing.assert_close(iso_cts(X, 0.8, task_directions=9), iso_cts(X, 0.8, task_directions=2), rtol=0, atol=0)
+    assert not torch.allclose(iso_cts(X, 0.8, task_directions=1), iso_c(X))
 
 
 def test_iso_cts_with_common_fraction_one_is_iso_c():

@@ -25,14 +25,18 @@ def main(argv=None) -> None:
     from .train import EXAMPLE_DIR, SETS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", choices=[*SETS, "all"], default="main",
-                        help="adapter set: main (rank 16), mixed (ranks 4/8/16), rslora (rank 8, use_rslora), or all")
+    parser.add_argument("--set", choices=[*SETS, "smollm2", "all"], default="main",
+                        help="adapter set: main (rank 16), hetero (norms far apart), mixed (ranks 4/8/16), rslora "
+                             "(rank 8, use_rslora), smollm2 (the causal LM), or all")
     parser.add_argument("--methods", default="", help="comma-separated labels or method names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help=f"λ ∈ {QUICK_LAMBDAS} only, no second-stage search")
+    parser.add_argument("--no-budget", action="store_true", help="skip the rank_budget variants (+budget16 rows)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the merge rows of results/<set>.json (same protocol) and run only the others")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's add_weighted_adapter peers")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch results/ or docs/")
-    parser.add_argument("--val-per-task", type=int, default=100,
-                        help="validation items per task used to choose λ/density (default 100 of 200; 0 = all)")
+    parser.add_argument("--val-per-task", type=int, default=0,
+                        help="validation items per task used to choose the parameters (default 0 = all 400)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the docs from results/*.json")
     args = parser.parse_args(argv)
@@ -48,14 +52,28 @@ def main(argv=None) -> None:
     from .report import table
 
     torch.set_num_threads(args.threads)
-    evaluator = Evaluator(load_minilm(), task_data.load(), validation_limit=args.val_per_task or None)
+    tasks = task_data.load()
+    limit = args.val_per_task or None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
-    for set_name in SETS if args.set == "all" else [args.set]:
-        adapters = EXAMPLE_DIR / SETS[set_name].directory
+    minilm = None
+    for set_name in [*SETS, "smollm2"] if args.set == "all" else [args.set]:
+        if set_name == "smollm2":
+            from .causal import CausalEvaluator, load_smollm2
+            from .train_causal import ADAPTER_DIR
+
+            evaluator, adapters = CausalEvaluator(*load_smollm2(), tasks, validation_limit=limit), ADAPTER_DIR
+        else:
+            minilm = minilm or Evaluator(load_minilm(), tasks, validation_limit=limit)
+            evaluator, adapters = minilm, EXAMPLE_DIR / SETS[set_name].directory
         dirs = {t: adapters / t for t in evaluator.tasks}
+        done = []
+        if args.resume and (RESULTS / f"{set_name}.json").is_file():
+            from .report import load_result
+
+            done = load_result(json.loads((RESULTS / f"{set_name}.json").read_text())).rows
         result = run_benchmark(evaluator, dirs, set_name=set_name, methods=methods, peers=not args.no_peft,
-                               quick=QUICK_LAMBDAS if args.quick else None,
-                               on_row=lambda r: None if args.no_docs else save(r, args, argv))
+                               quick=QUICK_LAMBDAS if args.quick else None, budget=not args.no_budget,
+                               on_row=lambda r: None if args.no_docs else save(r, args, argv), done=done)
         print(f"\n## adapter set `{set_name}` ({result.seconds / 60:.1f} min)\n")
         print(table(result))
 
@@ -68,7 +86,9 @@ def save(result, args, argv) -> None:
     record = {"result": {**asdict(result), "complete": result.complete},
               "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else _argv()),
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
-              "date": time.strftime("%Y-%m-%d")}
+              "date": time.strftime("%Y-%m-%d"),
+              "protocol": f"validation: {'first ' + str(args.val_per_task) if args.val_per_task else 'all'} items per task"
+                          + (f", quick grid λ ∈ {set(QUICK_LAMBDAS)}" if args.quick else ", full grid")}
     (RESULTS / f"{result.set_name}.json").write_text(json.dumps(record, indent=1) + "\n")
     publish(RESULTS, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "quality.png")
 

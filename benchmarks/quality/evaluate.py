@@ -16,7 +16,7 @@ import torch
 
 from lowrank_methods.core.types import LoraFactors
 
-from .model import Encoder, accuracy, label_heads
+from .model import Encoder, correct, label_heads
 
 Delta = LoraFactors | torch.Tensor
 
@@ -53,10 +53,18 @@ class Evaluator:
                 for module, original in saved.items():
                     self.encoder.model.get_submodule(module).weight.copy_(original)
 
-    def scores(self, deltas: Mapping[str, Delta], split: str = "test", only: list[str] | None = None) -> dict[str, float]:
-        """Per-task accuracy of base + ``deltas`` on ``split`` (every task, or the tasks in ``only``)."""
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return self.encoder.model
+
+    def correct(self, deltas: Mapping[str, Delta], split: str = "test", only: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Per task, per item of ``split``: is base + ``deltas`` right (every task, or the tasks in ``only``)."""
         with self.applied(deltas):
-            return {name: accuracy(self.encoder, self.heads[name], self.examples(name, split)) for name in only or self.tasks}
+            return {name: correct(self.encoder, self.heads[name], self.examples(name, split)) for name in only or self.tasks}
+
+    def scores(self, deltas: Mapping[str, Delta], split: str = "test", only: list[str] | None = None) -> dict[str, float]:
+        """Per-task accuracy of base + ``deltas`` on ``split``."""
+        return {name: c.float().mean().item() for name, c in self.correct(deltas, split, only).items()}
 
     def examples(self, task: str, split: str) -> list[tuple[str, int]]:
         items = self.tasks[task].split(split)

@@ -19,6 +19,7 @@ from lowrank_methods.core.types import LoraFactors
 
 from .evaluate import Evaluator
 from .methods import Candidate, Merged, PeftPeers, load_factors, package_candidates
+from .stats import pack
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Row:
     rank: int | None = None
     size_mb: float | None = None
     note: str = ""
+    correct: dict[str, str] = field(default_factory=dict)  # per task, per test item: '1' right, '0' wrong (stats.pack)
 
     @property
     def mean(self) -> float:
@@ -51,6 +53,7 @@ class Result:
     rows: list[Row]
     seconds: float
     planned: int = 0  # candidates planned; fewer merge rows means the run was cut short
+    norm_spread: dict = field(default_factory=dict)  # per module max_t ‖ΔW_t‖ / min_t ‖ΔW_t‖: median, min, max
 
     @property
     def complete(self) -> bool:
@@ -67,14 +70,16 @@ def mean(values) -> float:
 
 
 class SharedScores:
-    """Evaluator.scores, reused across merges that are numerically the same update (e.g. exact TA computed by
-    cat, task_arithmetic or core_space[ta]). Identity is tested on ΔW x for a fixed random probe x per module."""
+    """Evaluator.correct, reused across merges that are numerically the same update (e.g. exact TA computed by
+    cat, task_arithmetic or core_space[ta]). Identity is tested on ΔW x for a fixed random probe x per module.
+    Returns per-task accuracies; ``last_correct`` holds the per-item results of the last call."""
 
     def __init__(self, evaluator: Evaluator, rtol: float = 1e-5):
         self.evaluator, self.rtol = evaluator, rtol
         self.seen: list[tuple[str, torch.Tensor, dict, str]] = []
         self.probes: dict[int, torch.Tensor] = {}
         self.last_match = ""  # the label of the earlier merge that the last call reused ("" if none)
+        self.last_correct: dict[str, torch.Tensor] = {}
 
     def fingerprint(self, deltas) -> torch.Tensor:
         parts = []
@@ -89,14 +94,18 @@ class SharedScores:
 
     def __call__(self, deltas, split: str, label: str = "") -> dict[str, float]:
         fp = self.fingerprint(deltas)
-        for s, other, scores, first in self.seen:
+        for s, other, correct, first in self.seen:
             if s == split and other.shape == fp.shape and (other - fp).norm() <= self.rtol * max(fp.norm(), 1e-30):
-                self.last_match = first
-                return dict(scores)
+                self.last_match, self.last_correct = first, correct
+                return accuracies(correct)
         self.last_match = ""
-        scores = self.evaluator.scores(deltas, split)
-        self.seen.append((split, fp, scores, label))
-        return dict(scores)
+        self.last_correct = self.evaluator.correct(deltas, split)
+        self.seen.append((split, fp, self.last_correct, label))
+        return accuracies(self.last_correct)
+
+
+def accuracies(correct: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {t: c.float().mean().item() for t, c in correct.items()}
 
 
 def search(candidate: Candidate, scores: SharedScores, individual_val: dict[str, float], log=print) -> tuple[dict, float]:
@@ -135,10 +144,12 @@ def search(candidate: Candidate, scores: SharedScores, individual_val: dict[str,
 
 def run_benchmark(evaluator: Evaluator, adapter_dirs: dict[str, Path], *, set_name: str = "main",
                   methods: list[str] | None = None, peers: bool = True, quick: tuple[float, ...] | None = None,
-                  log=print, on_row=lambda result: None) -> Result:
+                  budget: bool = True, log=print, on_row=lambda result: None, done: list[Row] = ()) -> Result:
     """Merge the adapters (one per task, in the evaluator's task order) with every candidate and score them.
 
-    ``on_row(result)`` is called after each candidate (the caller saves partial results).
+    ``on_row(result)`` is called after each candidate (the caller saves partial results). ``methods`` are run in
+    the order given (else each method's default rule first); ``done``: rows of an earlier run of the same
+    protocol, kept instead of being recomputed (``--resume``).
     """
     start = time.perf_counter()
     task_names = list(evaluator.tasks)
@@ -151,27 +162,39 @@ def run_benchmark(evaluator: Evaluator, adapter_dirs: dict[str, Path], *, set_na
     individual_val = {t: evaluator.scores(own[t], "validation", only=[t])[t] for t in task_names}
     log(f"[{set_name}] individual adapters (test): " + " ".join(f"{t} {a:.3f}" for t, a in individual.items()))
 
-    rows = [Row("zero-shot (base model)", "baseline", acc := evaluator.scores({}, "test"), normalize(acc, individual))]
+    zero = evaluator.correct({}, "test")
+    rows = [Row("zero-shot (base model)", "baseline", acc := accuracies(zero), normalize(acc, individual),
+                correct={t: pack(c) for t, c in zero.items()})]
     rows.append(Row("individual adapters", "baseline", dict(individual), {t: 1.0 for t in task_names}))
     t0 = time.perf_counter()
     average = {m: sum(f.dense() for f in fs) / len(fs) for m, fs in factors.items()}
     seconds = time.perf_counter() - t0
-    acc = evaluator.scores(average, "test")
+    avg = evaluator.correct(average, "test")
+    acc = accuracies(avg)
     rows.append(Row("plain average (dense, 1/T)", "baseline", acc, normalize(acc, individual), seconds=seconds,
-                    rank=None))
+                    rank=None, correct={t: pack(c) for t, c in avg.items()}))
     log(f"[{set_name}] zero-shot {rows[0].mean:.3f}  average {rows[2].mean:.3f}")
 
     shared = SharedScores(evaluator)
-    candidates = package_candidates(factors, weights)
+    candidates = package_candidates(factors, weights, budget=budget)
     if peers:
-        candidates += PeftPeers(evaluator.encoder.model, dirs).candidates()
+        candidates += PeftPeers(evaluator.base_model, dirs).candidates()
     if methods:
         candidates = [c for c in candidates if c.label in methods or c.label.split("[")[0] in methods]
     for c in candidates if quick else ():
         c.lambdas = quick if len(c.lambdas) > 1 else c.lambdas
         c.second_stage = {}
-    candidates.sort(key=lambda c: not c.primary)  # each method's default first: a cut-short run still covers them all
-    result = Result(set_name, task_names, individual, rows, 0.0, planned=len(candidates))
+    if methods:
+        rank = lambda c: methods.index(c.label) if c.label in methods else methods.index(c.label.split("[")[0])  # noqa: E731
+        candidates.sort(key=rank)
+    else:
+        candidates.sort(key=lambda c: not c.primary)  # each method's default first: a cut-short run still covers them all
+    earlier = {r.label: r for r in done if r.source != "baseline"}
+    kept = {c.label: earlier[c.label] for c in candidates if c.label in earlier}
+    rows += list(kept.values())
+    candidates = [c for c in candidates if c.label not in kept]
+    result = Result(set_name, task_names, individual, rows, 0.0, planned=len(candidates) + len(kept),
+                    norm_spread=norm_spread(factors))
     for candidate in candidates:
         try:
             chosen, val = search(candidate, shared, individual_val, log)
@@ -186,12 +209,27 @@ def run_benchmark(evaluator: Evaluator, adapter_dirs: dict[str, Path], *, set_na
             continue
         acc = shared(merged.deltas, "test", f"{candidate.label} {_params(chosen)}")
         row = Row(candidate.label, candidate.source, acc, normalize(acc, individual), chosen, val,
-                  merged.seconds, merged.rank, merged.size_mb, f"same ΔW as {shared.last_match}" if shared.last_match else "")
+                  merged.seconds, merged.rank, merged.size_mb, f"same ΔW as {shared.last_match}" if shared.last_match else "",
+                  {t: pack(c) for t, c in shared.last_correct.items()})
         rows.append(row)
         log(f"  {candidate.label}: {_params(chosen)} -> test normalized mean {row.mean:.3f}, worst {row.worst:.3f}")
         result.seconds = time.perf_counter() - start
         on_row(result)
     return result
+
+
+def norm_spread(factors: dict[str, list[LoraFactors]]) -> dict[str, float]:
+    """How unequal the tasks' updates are: per module, the largest ‖ΔW_t‖_F over the smallest nonzero one."""
+    ratios = []
+    for fs in factors.values():
+        norms = [float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0).sqrt()) for f in fs if f.rank > 0]
+        norms = [x for x in norms if x > 0]  # an all-zero update is no task here
+        if len(norms) > 1:
+            ratios.append(max(norms) / min(norms))
+    if not ratios:
+        return {}
+    ratios.sort()
+    return {"median": ratios[len(ratios) // 2], "min": ratios[0], "max": ratios[-1]}
 
 
 def _params(values: dict) -> str:

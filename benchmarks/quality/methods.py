@@ -18,17 +18,23 @@ import torch
 
 from lowrank_methods.core.types import MethodContext
 from lowrank_methods.formats.peft import AdapterSource
-from lowrank_methods.pipeline.engine import make_plan
+from lowrank_methods.core.types import ModuleResult
+from lowrank_methods.pipeline.engine import make_plan, within_budget
 
 from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.method import list_methods
 
-LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
-SECOND_STAGE = {"density": (0.1, 0.2, 0.5), "drop_rate": (0.1, 0.5)}
+LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+SECOND_STAGE = {"density": tuple(round(0.05 * i, 2) for i in range(1, 11)), "drop_rate": (0.1, 0.3, 0.5),
+                "beta": (0.0, 0.25, 0.5, 0.75)}
 USES = {"density": {None, "ties", "dare_ties"}, "drop_rate": {None, "dare", "dare_ties"}}  # which rules read a knob
-OUTPUT_RANK = 16  # the adapters' rank: the compressed output of mtc and of PEFT's svd merges
-FIXED = {"mtc": {"rank": OUTPUT_RANK}, "linear": {"lambda": (1.0,)}}  # mtc's default (exact) equals task_arithmetic
+OUTPUT_RANK = 16  # every rank-limited output (mtc, ctm, PEFT's svd merges) in every set: the main set's rank
+# mtc's default (exact) equals task_arithmetic; ctm's default rank is the largest input rank (8 for rsLoRA)
+FIXED = {"mtc": {"rank": OUTPUT_RANK}, "ctm": {"rank": OUTPUT_RANK}, "linear": {"lambda": (1.0,)}}
 PEFT_COMBINATIONS = ("svd", "ties_svd", "cat", "linear")
+# Merges whose output keeps more than OUTPUT_RANK directions, re-run under ``rank_budget: OUTPUT_RANK`` (the
+# engine's ``within_budget``: the parameters of rank 16 everywhere, spread over modules by spectrum).
+BUDGET_BASES = ("tsv", "task_arithmetic", "iso_cts", "core_space[ties]", "knots[ties]")
 
 
 @dataclass
@@ -68,7 +74,8 @@ def size_mb(factors: dict[str, LoraFactors]) -> float:
 
 
 # -- this package --------------------------------------------------------------------------------
-def package_candidates(factors: dict[str, list[LoraFactors]], weights: list[float]) -> list[Candidate]:
+def package_candidates(factors: dict[str, list[LoraFactors]], weights: list[float], *,
+                       budget: bool = True) -> list[Candidate]:
     out = []
     for method in list_methods():
         if method.output == "bundle":
@@ -81,12 +88,30 @@ def package_candidates(factors: dict[str, list[LoraFactors]], weights: list[floa
         for rule in rules:
             values = {**fixed, **({"rule": rule} if rule else {})}
             effective = rule or (fields["rule"].default if "rule" in fields else None)
-            stage = {k: v for k, v in SECOND_STAGE.items() if k in fields and effective in USES[k]}
+            stage = {k: v for k, v in SECOND_STAGE.items() if k in fields and effective in USES.get(k, {effective})}
             label = f"{method.name}[{rule}]" if rule else method.name
             primary = rule is None or rule == fields["rule"].default
             out.append(Candidate(label, "lowrank_methods", _package_merge(method, factors, weights), values, lambdas, stage,
                                  fields, primary))
+    by_label = {c.label: c for c in out}
+    for base in BUDGET_BASES if budget else ():
+        if base in by_label:
+            c = by_label[base]
+            out.append(Candidate(f"{base}+budget{OUTPUT_RANK}", c.source, _within_budget(c.merge), c.fixed, c.lambdas,
+                                 c.second_stage, c.fields, True))
     return out
+
+
+def _within_budget(merge):
+    def budgeted(values: dict) -> Merged:
+        full = merge(values)
+        t0 = time.perf_counter()
+        kept = within_budget([(m, ModuleResult(f)) for m, f in full.deltas.items()], OUTPUT_RANK)
+        deltas = {m: r.factors for m, r in kept}
+        return Merged(deltas, full.seconds + time.perf_counter() - t0, max(f.rank for f in deltas.values()),
+                      size_mb(deltas))
+
+    return budgeted
 
 
 def _package_merge(method, factors, weights):

@@ -71,7 +71,11 @@ def label_heads(encoder: Encoder, tasks) -> dict[str, torch.Tensor]:
     return {name: encoder.embed(task.labels) for name, task in tasks.items()}
 
 
-def accuracy(encoder: Encoder, head: torch.Tensor, examples: list[tuple[str, int]]) -> float:
+def correct(encoder: Encoder, head: torch.Tensor, examples: list[tuple[str, int]]) -> torch.Tensor:
+    """Per item: is the head's top class the label (bool tensor in the items' order)."""
     emb = encoder.embed([t for t, _ in examples])
-    pred = (emb @ head.T).argmax(-1)
-    return (pred == torch.tensor([y for _, y in examples])).float().mean().item()
+    return (emb @ head.T).argmax(-1) == torch.tensor([y for _, y in examples])
+
+
+def accuracy(encoder: Encoder, head: torch.Tensor, examples: list[tuple[str, int]]) -> float:
+    return correct(encoder, head, examples).float().mean().item()

@@ -20,6 +20,9 @@ FORTUNES = Path("/usr/share/games/fortunes")
 DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "minilm-wordnet8" / "data"
 SEED = 0
 TRAIN, VALIDATION, TEST = 2000, 200, 300  # per task, spread evenly over the classes (rounded up for val/test)
+# A second validation block, drawn from after each class's training items, so that train and test stayed the
+# same when validation grew from 200 to 400 items (enough to tell methods apart by paired bootstrap).
+MORE_VALIDATION = 200
 
 # The 45 WordNet lexicographer files (wnres/lexnames is not in the Debian package).
 LEXNAMES = (
@@ -198,11 +201,11 @@ def balanced_splits(name: str, groups: dict[str, list[str]], seed: int = SEED) -
     """Deduplicate, shuffle each class with a fixed seed, then take equal numbers per class for test, val, train."""
     labels = list(groups)
     k = len(labels)
-    n_test, n_val = math.ceil(TEST / k), math.ceil(VALIDATION / k)
+    n_test, n_val, n_more = math.ceil(TEST / k), math.ceil(VALIDATION / k), math.ceil(MORE_VALIDATION / k)
     per_class = [sorted(set(texts)) for texts in groups.values()]
     smallest = min(len(t) for t in per_class)
     n_train = min(TRAIN // k, smallest - n_test - n_val)
-    if n_train < 10:
+    if n_train < 10 or smallest < n_test + n_val + n_train + n_more:
         raise ValueError(f"task {name}: the smallest class has only {smallest} examples")
     splits = {"test": [], "validation": [], "train": []}
     for label, texts in enumerate(per_class):
@@ -210,6 +213,10 @@ def balanced_splits(name: str, groups: dict[str, list[str]], seed: int = SEED) -
         splits["test"] += [(t, label) for t in texts[:n_test]]
         splits["validation"] += [(t, label) for t in texts[n_test:n_test + n_val]]
         splits["train"] += [(t, label) for t in texts[n_test + n_val:n_test + n_val + n_train]]
+    used = {t for split in splits.values() for t, _ in split}  # a text can sit in two classes (fortunes)
+    for label, texts in enumerate(per_class):
+        spare = [t for t in texts[n_test + n_val + n_train:] if t not in used]
+        splits["validation"] += [(t, label) for t in spare[:n_more]]
     for split in splits.values():
         random.Random(f"{seed}:{name}:order").shuffle(split)
     return Task(name, labels, splits["train"], splits["validation"], splits["test"])

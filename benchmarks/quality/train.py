@@ -27,7 +27,8 @@ EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "minilm-wordnet
 
 @dataclass(frozen=True)
 class AdapterSet:
-    """A collection of adapters, one per task: ranks cycle through ``ranks``; alpha = alpha_per_rank · r."""
+    """A collection of adapters, one per task: ranks cycle through ``ranks``; alpha = alpha_per_rank · r;
+    ``schedule`` (steps, lr) per task in task order, else ``steps`` and ``lr`` for all."""
 
     directory: str
     ranks: tuple[int, ...]
@@ -35,10 +36,14 @@ class AdapterSet:
     rslora: bool = False
     steps: int = 60
     lr: float = 2e-3
+    schedule: tuple[tuple[int, float], ...] | None = None
 
     def config(self, i: int) -> tuple[int, float]:
         r = self.ranks[i % len(self.ranks)]
         return r, self.alpha_per_rank * r
+
+    def training(self, i: int) -> tuple[int, float]:
+        return self.schedule[i] if self.schedule else (self.steps, self.lr)
 
 
 SETS = {
@@ -47,6 +52,9 @@ SETS = {
     "mixed": AdapterSet("adapters-mixed", (4, 8, 16, 8), steps=30),
     # rsLoRA: scale alpha/sqrt(r) = 8/sqrt(8) ≈ 2.83 (plain LoRA above: alpha/r = 2).
     "rslora": AdapterSet("adapters-rslora", (8,), alpha_per_rank=1.0, rslora=True, steps=30),
+    # Compress-then-Merge's regime: update norms that differ by more than 10x across tasks (steps × lr spread 100x).
+    "hetero": AdapterSet("adapters-hetero", (16,), schedule=((80, 4e-3), (10, 3e-4), (40, 2e-3), (15, 5e-4),
+                                                             (60, 3e-3), (10, 1e-4), (25, 1e-3), (15, 6e-4))),
 }
 
 
@@ -79,14 +87,14 @@ def train_adapter(encoder: Encoder, task, head: torch.Tensor, *, rank: int, alph
     return model.eval()
 
 
-def save_adapter(model, directory: Path) -> None:
+def save_adapter(model, directory: Path, hub_name: str = HUB_NAME) -> None:
     """PEFT's own save, then float16 tensors and a portable base_model_name_or_path."""
     model.save_pretrained(directory)
     weights = directory / "adapter_model.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(weights).items()}, weights)
     cfg_file = directory / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["base_model_name_or_path"] = HUB_NAME
+    cfg["base_model_name_or_path"] = hub_name
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (directory / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
 
@@ -106,13 +114,13 @@ def train_set(set_name: str, *, force: bool = False, root: Path = EXAMPLE_DIR, t
             print(f"[{set_name}] {name}: cached")
             continue
         rank, alpha = spec.config(i)
+        steps, lr = spec.training(i)
         t0 = time.perf_counter()
-        model = train_adapter(encoder, task, heads[name], rank=rank, alpha=alpha, rslora=spec.rslora, steps=spec.steps,
-                              lr=spec.lr)
+        model = train_adapter(encoder, task, heads[name], rank=rank, alpha=alpha, rslora=spec.rslora, steps=steps, lr=lr)
         seconds = time.perf_counter() - t0
         save_adapter(model, target)
         val = accuracy(Encoder(model, encoder.tokenizer), heads[name], task.validation)
-        log[name] = {"rank": rank, "alpha": alpha, "use_rslora": spec.rslora, "steps": spec.steps, "lr": spec.lr,
+        log[name] = {"rank": rank, "alpha": alpha, "use_rslora": spec.rslora, "steps": steps, "lr": lr,
                      "threads": threads,
                      "train_seconds": round(seconds, 1), "validation_accuracy_fp32": round(val, 4)}
         log_file.write_text(json.dumps(log, indent=2) + "\n")

@@ -31,6 +31,7 @@ from lowrank_methods.core.types import LoraFactors, MethodContext, ModuleResult
 
 RuleName = Literal["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts"]
 SignMethod = Literal["total", "frequency"]
+KeepCount = Literal["floor", "floor+1"]
 
 
 # -- each rule with its own knobs (a method taking ``rule:`` gets exactly the chosen rule's knobs) ----------------
@@ -46,6 +47,8 @@ class TiesRule(Rule):
     rule: Literal["ties"] = "ties"
     density: float = Field(0.2, gt=0, le=1, description="TIES: fraction of each task's entries kept (by magnitude)")
     majority_sign_method: SignMethod = Field("total", description="TIES sign election: sum of values or count of signs")
+    keep_count: KeepCount = Field("floor", description="TIES: entries kept per task, ⌊density·n⌋, or ⌊density·n⌋+1 "
+                                  "as the TIES and CtM reference code (threshold at the (n−⌊density·n⌋)-th smallest)")
 
 
 class DareRule(Rule):
@@ -71,6 +74,8 @@ class IsoCRule(Rule):
 class IsoCtsRule(Rule):
     rule: Literal["iso_cts"] = "iso_cts"
     common_space_fraction: float = Field(0.8, gt=0, le=1, description="Iso-CTS: share of the spectrum kept common")
+    task_directions: PositiveInt | None = Field(None, description="Iso-CTS: directions per task (None: from "
+                                                "common_space_fraction; CtM's reference code keeps 1, so r−T are common)")
 
 
 RULES: dict[str, type[Rule]] = {"ta": TaRule, "ties": TiesRule, "dare": DareRule, "dare_ties": DareTiesRule,
@@ -110,16 +115,18 @@ def apply_rule(X: torch.Tensor, rule: Rule, ctx: MethodContext | None = None) ->
     if name == "ta":
         return task_arithmetic(X)
     if name == "ties":
-        return ties(X, rule.density, rule.majority_sign_method)
+        return ties(X, rule.density, rule.majority_sign_method, rule.keep_count)
     if name in ("dare", "dare_ties"):
         dropped = dare(X, rule.drop_rate, (ctx or MethodContext()).generator(rule.seed, X.device))
-        return task_arithmetic(dropped) if name == "dare" else ties(dropped, rule.density, rule.majority_sign_method)
+        if name == "dare":
+            return task_arithmetic(dropped)
+        return ties(dropped, rule.density, rule.majority_sign_method, rule.keep_count)
     if name == "tsv":
         return tsv(X, rule.tsv_components)
     if name == "iso_c":
         return iso_c(X)
     if name == "iso_cts":
-        return iso_cts(X, rule.common_space_fraction)
+        return iso_cts(X, rule.common_space_fraction, rule.task_directions)
     raise ValueError(f"unknown rule {name!r}")
 
 
@@ -129,20 +136,22 @@ def task_arithmetic(X: torch.Tensor) -> torch.Tensor:
     return X.sum(0)
 
 
-def magnitude_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
-    """The k-th largest |x| with k = max(1, ⌊density·numel⌋); entries with |x| ≥ it are kept (ties kept too)."""
+def magnitude_threshold(x: torch.Tensor, density: float, keep_count: KeepCount = "floor") -> torch.Tensor:
+    """The k-th largest |x| with k = max(1, ⌊density·numel⌋) (+1 for "floor+1"); entries with |x| ≥ it are kept
+    (ties kept too)."""
     flat = x.abs().flatten()
-    keep = max(1, int(density * flat.numel()))
+    keep = max(1, int(density * flat.numel()) + (keep_count == "floor+1"))
     if keep >= flat.numel():
         return flat.new_zeros(())
     return torch.kthvalue(flat, flat.numel() - keep + 1).values
 
 
-def trim(X: torch.Tensor, density: float) -> torch.Tensor:
+def trim(X: torch.Tensor, density: float, keep_count: KeepCount = "floor") -> torch.Tensor:
     """TIES step 1: keep each task's top-`density` entries by magnitude, zero the rest."""
     if density >= 1 or X.numel() == 0:
         return X
-    thresholds = torch.stack([magnitude_threshold(x, density) for x in X]).reshape(-1, *([1] * (X.ndim - 1)))
+    thresholds = torch.stack([magnitude_threshold(x, density, keep_count) for x in X])
+    thresholds = thresholds.reshape(-1, *([1] * (X.ndim - 1)))
     return X * (X.abs() >= thresholds)
 
 
@@ -155,9 +164,10 @@ def elect_and_merge(X: torch.Tensor, majority_sign_method: SignMethod = "total")
     return (X * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def ties(X: torch.Tensor, density: float, majority_sign_method: SignMethod = "total") -> torch.Tensor:
+def ties(X: torch.Tensor, density: float, majority_sign_method: SignMethod = "total",
+         keep_count: KeepCount = "floor") -> torch.Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean."""
-    return elect_and_merge(trim(X, density), majority_sign_method)
+    return elect_and_merge(trim(X, density, keep_count), majority_sign_method)
 
 
 # -- mergekit's TIES (generalized_task_arithmetic.py: magnitude sparsification, consensus "sum") ----------
@@ -250,16 +260,18 @@ def iso_c(X: torch.Tensor) -> torch.Tensor:
     return S.mean() * (U @ Vh)
 
 
-def iso_cts(X: torch.Tensor, common_space_fraction: float = 0.8) -> torch.Tensor:
+def iso_cts(X: torch.Tensor, common_space_fraction: float = 0.8, task_directions: int | None = None) -> torch.Tensor:
     """Iso-CTS, rank-aware: D = rank(Σ X_t) directions, k_c of them common (top of Σ X_t) and s per task
-    (top of X_t minus its common part); both bases orthogonalised by polar factors, spectrum flattened."""
+    (top of X_t minus its common part); both bases orthogonalised by polar factors, spectrum flattened.
+    ``task_directions`` sets s directly (at most ⌊D/T⌋), else s = round((D − ⌊fraction·D⌋)/T)."""
     T = X.shape[0]
     U, S, Vh = _svd(X.sum(0))
     D = S.numel()
     if D == 0:
         return X.new_zeros(X.shape[1:])
     k_c = int(D * common_space_fraction)
-    s = min(round((D - k_c) / T), D // T)  # reference: round((D - k_c)/T) dims per task, then k_c = D - s·T
+    s = round((D - k_c) / T) if task_directions is None else task_directions
+    s = min(s, D // T)  # reference: round((D - k_c)/T) dims per task, then k_c = D - s·T
     k_c = D - s * T
     Uc, Sc, Vc = U[:, :k_c], S[:k_c], Vh[:k_c]
     us, ss, vs = [Uc], [Sc], [Vc]

@@ -77,6 +77,9 @@ def merge_dense(method: Method | str, tensors: Sequence[torch.Tensor], weights: 
     method = get_method(method) if isinstance(method, str) else method
     values = dict(parameters or {})
     output = values.pop("output", None)
+    if values.pop("rank_budget", None) is not None:
+        raise RecipeError(f"{method.name}: rank_budget sizes an adapter merged from LoRA adapters; merging dense "
+                          "tensors gives merged weights: remove it", module=name)
     if output not in DENSE_OUTPUTS:
         raise RecipeError(f"{method.name}: output {short(output)} is for LoRA adapter inputs; merging dense tensors "
                           "gives merged weights: leave `output` unset or use `output: model`", module=name)
@@ -268,7 +271,8 @@ def _iso_cts(method, deltas, weights, params, ctx):
     kept, kw = _present(deltas, weights)
     if not kept:
         return torch.zeros_like(deltas[0])
-    return best_rank(params.lambda_ * iso_cts(_weighted_stack(kept, kw), params.common_space_fraction), params.rank)
+    return best_rank(params.lambda_ * iso_cts(_weighted_stack(kept, kw), params.common_space_fraction,
+                                                 params.task_directions), params.rank)
 
 
 def _on_factors(rank_of: Callable[[MethodParams], int | None]):

@@ -28,6 +28,8 @@ def mergekit_method(method):
         params.append(ParameterSpec(field.alias or name, Any, ParameterScope.SHARED, description=field.description or "",
                                     **extra))
     params.append(ParameterSpec("output", Any, ParameterScope.SHARED, default=None, description="adapter, model or bundle"))
+    params.append(ParameterSpec("rank_budget", Any, ParameterScope.SHARED, default=None,
+                                description="adapter output: the parameters of this rank everywhere, spread by spectrum"))
     spec = MergeMethodSpec(name=method.name, pretty_name=method.pretty_name, reference_url=method.reference_url,
                            parameters=tuple(params), contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1))
 

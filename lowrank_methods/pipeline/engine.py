@@ -223,8 +223,10 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
     try:
         with intra_op_threads(use.intra_op), closing(_merged(plan.modules, _module_reader(sources), compute,
                                                              use.workers)) as merged:
-            for module, result in tqdm(merged, total=len(plan.modules), desc="merging modules", unit="module",
-                                       disable=quiet):
+            results = tqdm(merged, total=len(plan.modules), desc="merging modules", unit="module", disable=quiet)
+            if recipe.rank_budget is not None:  # every module's result is needed before any rank is chosen
+                results = within_budget(list(results), recipe.rank_budget)
+            for module, result in results:
                 writer.add(module, plan.layouts[module], result)
                 report.modules[module] = dict(result.stats)
         for key, (module, src) in extras.items():
@@ -240,6 +242,26 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
         writer.abort()
         raise
     return report
+
+
+def within_budget(results: list[tuple[str, ModuleResult]], rank: int) -> list[tuple[str, ModuleResult]]:
+    """Each module's factors truncated to the rank ``allocation.allocate_ranks`` gives it within the parameters of
+    rank ``rank`` everywhere. Stats: ``rank``; ``budget_retained_energy``, the share of the method's own output
+    kept; ``retained_energy`` multiplied by it (what the written adapter keeps)."""
+    from lowrank_methods.core.allocation import allocate_ranks, spectrum, truncated
+
+    factored = {m: r.factors for m, r in results if r.factors is not None}
+    ranks = allocate_ranks({m: spectrum(f) for m, f in factored.items()},
+                           {m: f.shape for m, f in factored.items()}, rank)
+    out = []
+    for module, result in results:
+        if module in factored:
+            factors, kept = truncated(factored[module], ranks[module])
+            stats = {**result.stats, "rank": ranks[module], "budget_retained_energy": kept,
+                     "retained_energy": result.stats.get("retained_energy", 1.0) * kept}
+            result = ModuleResult(factors, stats, result.tensors)
+        out.append((module, result))
+    return out
 
 
 def _merge_module(recipe: Recipe, module: str, factors: list[LoraFactors], weights: list[float], params) -> ModuleResult:

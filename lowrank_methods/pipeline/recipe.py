@@ -60,7 +60,7 @@ class RecipeFile(BaseModel):
     chat_template: str | None = None
 
 
-ENGINE_PARAMETERS = {"output"}  # read by the engine, not by the method
+ENGINE_PARAMETERS = {"output", "rank_budget"}  # read by the engine, not by the method
 PER_ADAPTER_PARAMETERS = {"weight"}
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
@@ -85,6 +85,7 @@ class Recipe:
     output: Literal["adapter", "model", "bundle"]
     dtype: str | None
     text: str
+    rank_budget: int | None = None  # the parameters of rank r everywhere, spread over modules (core/allocation.py)
 
     # -- parameters per module ----------------------------------------------------------------
     def params_for(self, module: str, t: float = 0.0) -> MethodParams:
@@ -238,13 +239,20 @@ def parse_recipe(text: str) -> Recipe:
     if (output == "bundle") != (method.output == "bundle"):
         raise RecipeError(f"method {method.name!r} writes {'a reversible bundle' if method.output == 'bundle' else 'merged weights'}; "
                          f"output: {output} does not fit it")
+    rank_budget = settings.get("rank_budget")
+    if rank_budget is not None:
+        if isinstance(rank_budget, bool) or not isinstance(rank_budget, int) or rank_budget < 1:
+            raise RecipeError(f"parameters.rank_budget must be a positive integer (the uniform rank whose parameter "
+                              f"count is spread over the modules), got {short(rank_budget)}")
+        if output != "adapter":
+            raise RecipeError(f"parameters.rank_budget sizes an adapter; output: {output} does not take it")
     dtype = raw.out_dtype or raw.dtype
     if dtype is not None and dtype not in DTYPES:
         raise RecipeError(f"dtype {short(dtype)} is not one of {', '.join(sorted(DTYPES))}")
     if not raw.models:
         raise RecipeError("recipe lists no models; add the adapters under `models:`")
     adapters = _adapter_refs(raw.models, raw.base_model)
-    recipe = Recipe(method, adapters, raw.base_model, settings, output, dtype, text)
+    recipe = Recipe(method, adapters, raw.base_model, settings, output, dtype, text, rank_budget)
     recipe.check()
     return recipe
 

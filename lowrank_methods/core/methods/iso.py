@@ -8,7 +8,7 @@ Both are computed exactly in core space (ΔW_t = U_B M_t V_A, orthonormal bases)
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import PositiveInt
 
 from lowrank_methods.core.method import Paper, method
 
@@ -29,7 +29,8 @@ class IsoCParams(ScaledParams):
 
 
 class IsoCtsParams(IsoCParams):
-    common_space_fraction: float = Field(0.8, gt=0, le=1)
+    common_space_fraction: float = IsoCtsRule.model_fields["common_space_fraction"]
+    task_directions: PositiveInt | None = IsoCtsRule.model_fields["task_directions"]
 
 
 @method("iso_c", params=IsoCParams, pretty_name="Iso-C (isotropic merging)", paper=PAPER)
@@ -43,5 +44,5 @@ def iso_c(factors, weights, params: IsoCParams, ctx) -> ModuleResult:
 @over_present_tasks
 def iso_cts(factors, weights, params: IsoCtsParams, ctx) -> ModuleResult:
     """Common and task-specific subspaces with a flat spectrum (rank-aware Iso-CTS)."""
-    rule = IsoCtsRule(common_space_fraction=params.common_space_fraction)
+    rule = IsoCtsRule(common_space_fraction=params.common_space_fraction, task_directions=params.task_directions)
     return merge_in_core_space(factors, weights, rule, params.rank, params.lambda_, ctx)

@@ -163,7 +163,7 @@ def dense_elementwise_merge(factors, weights, params: RuleParams, ctx: MethodCon
         for t in range(len(factors)):
             for start in starts:
                 out[start:start + rows] = task_block(t, start, gens)
-            thresholds.append(magnitude_threshold(out, params.density))
+            thresholds.append(magnitude_threshold(out, params.density, params.keep_count))
         thresholds = torch.stack(thresholds)[:, None, None]
     gens = generators()
     for start in starts:
