@@ -182,7 +182,7 @@ def test_synset_parsing_and_balanced_splits():
     assert s.pointers == [("@", "00109660", "v", 0, 0), ("!", "00113605", "v", 1, 2)]
     assert s.frames == {4, 22} and s.definition == "pass from one quality to another by a slight degree"
     assert s.examples == ["the butterfly wings shade to yellow"]
-    groups = {"a": [f"a{i}" for i in range(400)], "b": [f"b{i}" for i in range(300)] + ["b1", "b1"]}
+    groups = {"a": [f"a{i}" for i in range(600)], "b": [f"b{i}" for i in range(500)] + ["b1", "b1"]}
     task = balanced_splits("t", groups)
     splits = [task.train, task.validation, task.test]
     assert [sum(y == 0 for _, y in s) for s in splits] == [sum(y == 1 for _, y in s) for s in splits]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -30,6 +31,8 @@ def main(argv=None) -> None:
                              "(rank 8, use_rslora), smollm2 (the causal LM), or all")
     parser.add_argument("--methods", default="", help="comma-separated labels or method names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help=f"λ ∈ {QUICK_LAMBDAS} only, no second-stage search")
+    parser.add_argument("--lambdas", default="", help="comma-separated λ grid instead of the default (or --quick) one; "
+                        "the search starts at 1 if it is in the grid, else at the middle value")
     parser.add_argument("--no-budget", action="store_true", help="skip the rank_budget variants (+budget16 rows)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the merge rows of results/<set>.json (same protocol) and run only the others")
@@ -73,6 +76,7 @@ def main(argv=None) -> None:
             done = load_result(json.loads((RESULTS / f"{set_name}.json").read_text())).rows
         result = run_benchmark(evaluator, dirs, set_name=set_name, methods=methods, peers=not args.no_peft,
                                quick=QUICK_LAMBDAS if args.quick else None, budget=not args.no_budget,
+                               lambdas=tuple(float(x) for x in args.lambdas.split(",") if x.strip()) or None,
                                on_row=lambda r: None if args.no_docs else save(r, args, argv), done=done)
         print(f"\n## adapter set `{set_name}` ({result.seconds / 60:.1f} min)\n")
         print(table(result))
@@ -85,10 +89,13 @@ def save(result, args, argv) -> None:
     RESULTS.mkdir(exist_ok=True)
     record = {"result": {**asdict(result), "complete": result.complete},
               "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else _argv()),
-              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads",
+              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+                         f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d"),
               "protocol": f"validation: {'first ' + str(args.val_per_task) if args.val_per_task else 'all'} items per task"
-                          + (f", quick grid λ ∈ {set(QUICK_LAMBDAS)}" if args.quick else ", full grid")}
+                          + (f", λ ∈ {{{args.lambdas}}}" if args.lambdas else "")
+                          + (", quick: no second-stage search" if args.quick else ", full grid")
+                          + ("" if args.lambdas or not args.quick else f" λ ∈ {set(QUICK_LAMBDAS)}")}
     (RESULTS / f"{result.set_name}.json").write_text(json.dumps(record, indent=1) + "\n")
     publish(RESULTS, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "quality.png")
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from lowrank_methods.core.types import LoraFactors
+from .evaluate import applied
 
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,30 +129,12 @@ class CausalEvaluator:
         self.format = ChatFormat(self.tokenizer, self.prompts)
         self.answers = {name: self.format.answer_matrix(name) for name in self.tasks}
 
-    @contextmanager
-    def applied(self, deltas: Mapping[str, LoraFactors | torch.Tensor]):
-        saved = {}
-        try:
-            with torch.no_grad():
-                for module, delta in deltas.items():
-                    weight = self.base_model.get_submodule(module).weight
-                    dense = delta.dense() if isinstance(delta, LoraFactors) else delta
-                    if dense.shape != weight.shape:
-                        raise ValueError(f"{module}: ΔW has shape {tuple(dense.shape)}, the weight {tuple(weight.shape)}")
-                    saved[module] = weight.detach().clone()
-                    weight += dense.to(weight.dtype)
-            yield
-        finally:
-            with torch.no_grad():
-                for module, original in saved.items():
-                    self.base_model.get_submodule(module).weight.copy_(original)
-
     def examples(self, task: str, split: str) -> list[tuple[str, int]]:
         items = self.tasks[task].split(split)
         return items[:self.validation_limit] if split == "validation" and self.validation_limit else items
 
     def correct(self, deltas, split: str = "test", only: list[str] | None = None) -> dict[str, torch.Tensor]:
-        with self.applied(deltas):
+        with applied(self.base_model, deltas):
             return {name: self.item_correct(name, self.examples(name, split)) for name in only or self.tasks}
 
     def scores(self, deltas, split: str = "test", only: list[str] | None = None) -> dict[str, float]:

@@ -34,24 +34,8 @@ class Evaluator:
         if not self.heads:
             self.heads = label_heads(self.encoder, self.tasks)
 
-    @contextmanager
     def applied(self, deltas: Mapping[str, Delta]):
-        """Temporarily add each module's ΔW to the base weight (in the base layout: nn.Linear is (out, in))."""
-        saved = {}
-        try:
-            with torch.no_grad():
-                for module, delta in deltas.items():
-                    weight = self.encoder.model.get_submodule(module).weight
-                    dense = delta.dense() if isinstance(delta, LoraFactors) else delta
-                    if dense.shape != weight.shape:
-                        raise ValueError(f"{module}: ΔW has shape {tuple(dense.shape)}, the weight {tuple(weight.shape)}")
-                    saved[module] = weight.detach().clone()
-                    weight += dense.to(weight.dtype)
-            yield
-        finally:
-            with torch.no_grad():
-                for module, original in saved.items():
-                    self.encoder.model.get_submodule(module).weight.copy_(original)
+        return applied(self.encoder.model, deltas)
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -69,6 +53,26 @@ class Evaluator:
     def examples(self, task: str, split: str) -> list[tuple[str, int]]:
         items = self.tasks[task].split(split)
         return items[:self.validation_limit] if split == "validation" and self.validation_limit else items
+
+
+@contextmanager
+def applied(model: torch.nn.Module, deltas: Mapping[str, Delta]):
+    """Temporarily add each module's ΔW to the model's weight (in the base layout: nn.Linear is (out, in))."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for module, delta in deltas.items():
+                weight = model.get_submodule(module).weight
+                dense = delta.dense() if isinstance(delta, LoraFactors) else delta
+                if dense.shape != weight.shape:
+                    raise ValueError(f"{module}: ΔW has shape {tuple(dense.shape)}, the weight {tuple(weight.shape)}")
+                saved[module] = weight.detach().clone()
+                weight += dense.to(weight.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for module, original in saved.items():
+                model.get_submodule(module).weight.copy_(original)
 
 
 def evaluate_adapter_factors(per_module_factors: Mapping[str, Delta], tasks, *, evaluator: Evaluator | None = None,

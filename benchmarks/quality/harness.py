@@ -144,7 +144,8 @@ def search(candidate: Candidate, scores: SharedScores, individual_val: dict[str,
 
 def run_benchmark(evaluator: Evaluator, adapter_dirs: dict[str, Path], *, set_name: str = "main",
                   methods: list[str] | None = None, peers: bool = True, quick: tuple[float, ...] | None = None,
-                  budget: bool = True, log=print, on_row=lambda result: None, done: list[Row] = ()) -> Result:
+                  budget: bool = True, lambdas: tuple[float, ...] | None = None, log=print,
+                  on_row=lambda result: None, done: list[Row] = ()) -> Result:
     """Merge the adapters (one per task, in the evaluator's task order) with every candidate and score them.
 
     ``on_row(result)`` is called after each candidate (the caller saves partial results). ``methods`` are run in
@@ -181,9 +182,12 @@ def run_benchmark(evaluator: Evaluator, adapter_dirs: dict[str, Path], *, set_na
         candidates += PeftPeers(evaluator.base_model, dirs).candidates()
     if methods:
         candidates = [c for c in candidates if c.label in methods or c.label.split("[")[0] in methods]
-    for c in candidates if quick else ():
-        c.lambdas = quick if len(c.lambdas) > 1 else c.lambdas
-        c.second_stage = {}
+    for c in candidates:
+        grid = lambdas or quick
+        if grid and len(c.lambdas) > 1:
+            c.lambdas = grid
+        if quick:
+            c.second_stage = {}
     if methods:
         rank = lambda c: methods.index(c.label) if c.label in methods else methods.index(c.label.split("[")[0])  # noqa: E731
         candidates.sort(key=rank)

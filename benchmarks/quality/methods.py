@@ -88,7 +88,8 @@ def package_candidates(factors: dict[str, list[LoraFactors]], weights: list[floa
         for rule in rules:
             values = {**fixed, **({"rule": rule} if rule else {})}
             effective = rule or (fields["rule"].default if "rule" in fields else None)
-            stage = {k: v for k, v in SECOND_STAGE.items() if k in fields and effective in USES.get(k, {effective})}
+            stage = {k: v for k, v in SECOND_STAGE.items() if k in fields and effective in USES.get(k, {effective})
+                     and not _no_effect(fields[k])}
             label = f"{method.name}[{rule}]" if rule else method.name
             primary = rule is None or rule == fields["rule"].default
             out.append(Candidate(label, "lowrank_methods", _package_merge(method, factors, weights), values, lambdas, stage,
@@ -112,6 +113,11 @@ def _within_budget(merge):
                       size_mb(deltas))
 
     return budgeted
+
+
+def _no_effect(field) -> bool:
+    """A parameter accepted only because mergekit's method of the same name takes it (e.g. task_arithmetic's density)."""
+    return "does not change the result" in (field.description or "")
 
 
 def _package_merge(method, factors, weights):

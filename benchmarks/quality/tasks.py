@@ -204,8 +204,8 @@ def balanced_splits(name: str, groups: dict[str, list[str]], seed: int = SEED) -
     n_test, n_val, n_more = math.ceil(TEST / k), math.ceil(VALIDATION / k), math.ceil(MORE_VALIDATION / k)
     per_class = [sorted(set(texts)) for texts in groups.values()]
     smallest = min(len(t) for t in per_class)
-    n_train = min(TRAIN // k, smallest - n_test - n_val)
-    if n_train < 10 or smallest < n_test + n_val + n_train + n_more:
+    n_train = min(TRAIN // k, smallest - n_test - n_val - n_more)
+    if n_train < 10:
         raise ValueError(f"task {name}: the smallest class has only {smallest} examples")
     splits = {"test": [], "validation": [], "train": []}
     for label, texts in enumerate(per_class):
