@@ -209,23 +209,32 @@ def test_device_reaches_the_engine(patched, tmp, monkeypatch):
     assert seen["device"] == "cpu" and seen["quiet"] is True
 
 
-def test_mergekit_yaml_adapter_output_equals_our_cli(patched, tmp):
-    """The stock command's click entry point, in-process: same adapter bytes as `mergekit-lowrank merge`."""
+def same_adapter_from_both_clis(recipe, tmp):
+    """`mergekit-yaml recipe tmp/mk` and `mergekit-lowrank merge recipe tmp/cli` (in-process) write the same
+    adapter bytes; returns the click runner."""
     from click.testing import CliRunner
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
     from lowrank_methods.cli import main as ours
 
-    mods = {f"model.layers.{i}.self_attn.q_proj": (8, 8) for i in range(2)}
-    a = write_adapter(tmp / "a", mods, seed=1)
-    b = write_adapter(tmp / "b", {**mods, "model.layers.1.mlp.down_proj": (8, 12)}, r=2, seed=2)
-    recipe = write_recipe(tmp / "r.yml", "ctm", [(a, 0.6), (b, None)], {"rank": 3, "lambda": [0.5, 1.0]})
     runner = CliRunner()
     got = runner.invoke(mergekit_yaml, [str(recipe), str(tmp / "mk"), "--no-write-model-card", "--quiet"])
     assert got.exit_code == 0, got.output
     assert runner.invoke(ours, ["merge", str(recipe), str(tmp / "cli"), "--quiet"]).exit_code == 0
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp / "mk" / name).read_bytes() == (tmp / "cli" / name).read_bytes()
+    return runner
+
+
+def test_mergekit_yaml_adapter_output_equals_our_cli(patched, tmp):
+    """The stock command's click entry point, in-process: same adapter bytes as `mergekit-lowrank merge`."""
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    mods = {f"model.layers.{i}.self_attn.q_proj": (8, 8) for i in range(2)}
+    a = write_adapter(tmp / "a", mods, seed=1)
+    b = write_adapter(tmp / "b", {**mods, "model.layers.1.mlp.down_proj": (8, 12)}, r=2, seed=2)
+    recipe = write_recipe(tmp / "r.yml", "ctm", [(a, 0.6), (b, None)], {"rank": 3, "lambda": [0.5, 1.0]})
+    runner = same_adapter_from_both_clis(recipe, tmp)
     bad = runner.invoke(mergekit_yaml, [str(write_recipe(tmp / "bad.yml", "ctmm", [(a, None)])), str(tmp / "x")])
     assert bad.exit_code == 1 and bad.output.strip().splitlines() == [
         "Error: unknown merge_method 'ctmm'; did you mean 'ctm'?"]
@@ -235,20 +244,9 @@ def test_mergekit_yaml_takes_a_rank_budget(patched, tmp):
     """`rank_budget` through the stock command: the same adapter as our CLI, with ranks spread over modules."""
     import json
 
-    from click.testing import CliRunner
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
-
-    from lowrank_methods.cli import main as ours
-
     mods = {f"model.layers.{i}.self_attn.q_proj": (12, 10) for i in range(2)} | {"model.layers.0.mlp.down_proj": (10, 30)}
     adapters = [(write_adapter(tmp / f"a{i}", mods, r=3, seed=i), None) for i in range(3)]
-    recipe = write_recipe(tmp / "r.yml", "task_arithmetic", adapters, {"rank_budget": 3})
-    runner = CliRunner()
-    got = runner.invoke(mergekit_yaml, [str(recipe), str(tmp / "mk"), "--no-write-model-card", "--quiet"])
-    assert got.exit_code == 0, got.output
-    assert runner.invoke(ours, ["merge", str(recipe), str(tmp / "cli"), "--quiet"]).exit_code == 0
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (tmp / "mk" / name).read_bytes() == (tmp / "cli" / name).read_bytes()
+    same_adapter_from_both_clis(write_recipe(tmp / "r.yml", "task_arithmetic", adapters, {"rank_budget": 3}), tmp)
     config = json.loads((tmp / "mk" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["alpha_pattern"] == config["rank_pattern"]
 

@@ -67,10 +67,7 @@ def train_adapter(encoder: Encoder, task, head: torch.Tensor, *, rank: int, alph
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, use_rslora=rslora, target_modules=TARGET_MODULES)
     model = get_peft_model(copy.deepcopy(encoder.model), config)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    opt, sched = optimizer(model, lr, steps, warmup)
     gen = torch.Generator().manual_seed(seed)
     texts = [t for t, _ in task.train]
     labels = torch.tensor([y for _, y in task.train])
@@ -85,6 +82,14 @@ def train_adapter(encoder: Encoder, task, head: torch.Tensor, *, rank: int, alph
         opt.step()
         sched.step()
     return model.eval()
+
+
+def optimizer(model, lr: float, steps: int, warmup: int):
+    """AdamW over the trainable (LoRA) parameters; lr rises linearly for ``warmup`` steps, then decays to 0."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    return opt, sched
 
 
 def save_adapter(model, directory: Path, hub_name: str = HUB_NAME) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from . import tasks as task_data
 from .causal import HUB_NAME, TARGET_MODULES, CausalEvaluator, ChatFormat, load_smollm2
-from .train import save_adapter
+from .train import optimizer, save_adapter
 
 ADAPTER_DIR = Path(__file__).resolve().parents[2] / "examples" / "smollm2-wordnet8" / "adapters"
 RANK, ALPHA, STEPS, LR, BATCH, WARMUP = 16, 16.0, 50, 2e-3, 16, 5
@@ -47,10 +47,7 @@ def train_adapter(model, fmt: ChatFormat, task, *, steps: int = STEPS, lr: float
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES)
     peft_model = get_peft_model(model, config)
     peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / WARMUP if s < WARMUP else max(0.0, (steps - s) / max(1, steps - WARMUP)))
+    opt, sched = optimizer(peft_model, lr, steps, WARMUP)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(task.train), generator=gen)
     for step in range(steps):
