@@ -130,6 +130,9 @@ def size_chart(results: list[Result], path: Path) -> None:
                 ax.axhline(r.mean, color="#999999", lw=0.8, ls="--")
                 ax.text(ax.get_xlim()[0] if rows else 0, r.mean, " " + r.label, fontsize=6, color="#666666", va="bottom")
         ax.set_xscale("log")
+        sizes = [r.size_mb for r in rows]
+        if sizes and max(sizes) / min(sizes) < 2:  # every merge the same size: show a decade around it
+            ax.set_xlim(min(sizes) / 3, max(sizes) * 3)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.tick_params(axis="x", which="minor", labelsize=7)
