@@ -260,8 +260,17 @@ def within_budget(results: list[tuple[str, ModuleResult]], rank: int) -> list[tu
             stats = {**result.stats, "rank": ranks[module], "budget_retained_energy": kept,
                      "retained_energy": result.stats.get("retained_energy", 1.0) * kept}
             result = ModuleResult(factors, stats, result.tensors)
+            _check_finite(result, "rank_budget", module)
         out.append((module, result))
     return out
+
+
+def _check_finite(result: ModuleResult, what: str, module: str) -> None:
+    tensors = ([result.factors.A, result.factors.B] if result.factors is not None else []) + list(result.tensors.values())
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        raise ComputeError(f"{what} gave NaN or Inf here (the weights, lambda or the adapters' scales "
+                           "are too large for the precision); nothing was written", module=module,
+                           flag="--precision", flag_hint="try --precision float64")
 
 
 def _merge_module(recipe: Recipe, module: str, factors: list[LoraFactors], weights: list[float], params) -> ModuleResult:
@@ -272,11 +281,7 @@ def _merge_module(recipe: Recipe, module: str, factors: list[LoraFactors], weigh
         raise ComputeError(f"{recipe.method.name}: a decomposition did not converge ({short(str(e), 60)}); the "
                            "updates are degenerate or too large for the precision", module=module,
                            flag="--precision", flag_hint="try --precision float64") from e
-    tensors = ([result.factors.A, result.factors.B] if result.factors is not None else []) + list(result.tensors.values())
-    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-        raise ComputeError(f"{recipe.method.name} gave NaN or Inf here (the weights, lambda or the adapters' scales "
-                           "are too large for the precision); nothing was written", module=module,
-                           flag="--precision", flag_hint="try --precision float64")
+    _check_finite(result, recipe.method.name, module)
     result.stats = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.stats.items()}
     return result
 
