@@ -16,9 +16,6 @@ from typing import Mapping
 
 import torch
 
-from lowrank_methods.core.linalg import svd_of_product
-from lowrank_methods.core.types import LoraFactors
-
 
 def budget(shapes: Mapping[str, tuple[int, int]], rank: int) -> int:
     """Parameters of rank ``rank`` in every module (capped at each module's min(m, n))."""
@@ -49,14 +46,3 @@ def allocate_ranks(spectra: Mapping[str, torch.Tensor], shapes: Mapping[str, tup
             if keep[m] < s.numel() and float(s[keep[m]]) > 0:
                 heapq.heappush(heap, (-float(s[keep[m]].double() ** 2) / energy / cost, m, energy))
     return keep
-
-
-def spectrum(factors: LoraFactors) -> torch.Tensor:
-    """The singular values of B A (exact, from the factors)."""
-    return svd_of_product(factors.B, factors.A).S
-
-
-def truncated(factors: LoraFactors, k: int) -> tuple[LoraFactors, float]:
-    """The best rank-k approximation of B A (balanced factors) and the fraction of its energy it keeps."""
-    svd = svd_of_product(factors.B, factors.A)
-    return svd.factors(k), svd.retained_energy(k)

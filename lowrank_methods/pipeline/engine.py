@@ -248,15 +248,16 @@ def within_budget(results: list[tuple[str, ModuleResult]], rank: int) -> list[tu
     """Each module's factors truncated to the rank ``allocation.allocate_ranks`` gives it within the parameters of
     rank ``rank`` everywhere. Stats: ``rank``; ``budget_retained_energy``, the share of the method's own output
     kept; ``retained_energy`` multiplied by it (what the written adapter keeps)."""
-    from lowrank_methods.core.allocation import allocate_ranks, spectrum, truncated
+    from lowrank_methods.core.allocation import allocate_ranks
+    from lowrank_methods.core.linalg import svd_of_product
 
-    factored = {m: r.factors for m, r in results if r.factors is not None}
-    ranks = allocate_ranks({m: spectrum(f) for m, f in factored.items()},
-                           {m: f.shape for m, f in factored.items()}, rank)
+    svds = {m: svd_of_product(r.factors.B, r.factors.A) for m, r in results if r.factors is not None}
+    shapes = {m: r.factors.shape for m, r in results if m in svds}
+    ranks = allocate_ranks({m: s.S for m, s in svds.items()}, shapes, rank)
     out = []
     for module, result in results:
-        if module in factored:
-            factors, kept = truncated(factored[module], ranks[module])
+        if module in svds:
+            factors, kept = svds[module].factors(ranks[module]), svds[module].retained_energy(ranks[module])
             stats = {**result.stats, "rank": ranks[module], "budget_retained_energy": kept,
                      "retained_energy": result.stats.get("retained_energy", 1.0) * kept}
             result = ModuleResult(factors, stats, result.tensors)
