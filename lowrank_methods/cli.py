@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from lowrank_methods.core.errors import MergeError, error_line
+from lowrank_methods.formats.serving import ENGINES
 from lowrank_methods.pipeline.interrupts import interrupted_line, terminate_as_interrupt
 
 
@@ -78,12 +79,15 @@ def main():
               help="modules merged at once, one CPU thread each [default: the cores this process may use]")
 @click.option("--out-shard-size", metavar="SIZE", default=None,  # output: model (formats/full_model.py)
               help="output: model: bytes per weights file, e.g. 500M, 5B (mergekit's notation) [default: 5B]")
+@click.option("--for", "serve_for", type=click.Choice(ENGINES), default=None,
+              help="store the adapter so this engine serves it exactly: one rank, scale 1 (llama.cpp: + adapter.gguf); "
+                   "the recipe's serve_for otherwise")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None,
               help="upload OUT to this Hub repo once the merge succeeded")
 @hub_options
 @one_line_errors
-def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, threads, out_shard_size, push_to_hub,
-          **hub):
+def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, threads, out_shard_size, serve_for,
+          push_to_hub, **hub):
     """Merge the adapters listed in RECIPE into OUT."""
     from lowrank_methods.pipeline.engine import run_merge
     from lowrank_methods.publish.hub import check_can_push
@@ -100,6 +104,8 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
     if push_to_hub:  # a missing token or a bad repo id fails before the merge, not after it
         check_can_push(push_to_hub, revision=hub["revision"], create_pr=hub["create_pr"])
     if is_full_model_recipe(text):  # lore: full fine-tuned models, planned and written by mergekit
+        if serve_for is not None:
+            raise MergeError(f"--for {serve_for} stores an adapter; this recipe merges full models into a model")
         run_full_model_merge(text, out, overwrite=overwrite, device=device, quiet=quiet, write_card=not no_card)
         if not quiet:
             click.echo(f"wrote {out}: full model merged by mergekit")
@@ -109,13 +115,15 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
 
     report = run_merge(parse_recipe(text), out, device=device, precision=precision, overwrite=overwrite,
                        allow_pickle=allow_pickle, quiet=quiet, write_card=not no_card, threads=threads,
-                       out_shard_size=out_shard_size)
+                       out_shard_size=out_shard_size, serve_for=serve_for)
     if not quiet:
         s = report.summary()
         energy = f", retained energy min {s['retained_energy_min']:.4f} / median {s['retained_energy_median']:.4f}" \
             if "retained_energy_min" in s else ""
         click.echo(f"wrote {out}: {report.method} over {len(report.adapters)} adapters, {s['modules']} modules"
                    f"{energy}, {report.seconds:.1f} s")
+        if report.serve_for:
+            click.echo(serving_line(report))
         if report.output == "bundle":
             from lowrank_methods.formats.bundle import summary_table
 
@@ -125,19 +133,30 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("target", metavar="RECIPE|ADAPTER", type=click.Path())
 @click.option("--allow-pickle", is_flag=True, help="also accept adapter_model.bin")
 @one_line_errors
-def validate(recipe, allow_pickle):
+def validate(target, allow_pickle):
     """Check RECIPE and its adapters (configs, headers, shapes, parameters, finite factors) without merging:
-    every refusal `merge` could make before computing."""
+    every refusal `merge` could make before computing. Given an ADAPTER directory instead (ours or anyone's): which
+    serving engines compute its ΔW as PEFT does, and why the others do not."""
     import tempfile
 
     from lowrank_methods.pipeline.engine import check_factors, prepare
     from lowrank_methods.mergekit_plugin.dense_run import is_full_model_recipe, mergekit_config
     from lowrank_methods.pipeline.recipe import parse_recipe, read_recipe_text
 
-    text = read_recipe_text(recipe)
+    if Path(target).is_dir():
+        from lowrank_methods.pipeline.serving import adapter_verdicts
+
+        source, verdicts = adapter_verdicts(Path(target), allow_pickle=allow_pickle)
+        ranks = sorted({source.rank_alpha(m)[0] for m in source.modules})
+        scales = sorted({round(source.scale(m), 6) for m in source.modules})
+        click.echo(f"ok: LoRA adapter, {len(source.modules)} modules, rank {_span(ranks)}, scale {_span(scales)}")
+        for engine, verdict in verdicts.items():
+            click.echo(verdict_line(verdict))
+        return
+    text = read_recipe_text(target)
     if is_full_model_recipe(text):
         config = mergekit_config(text)
         click.echo(f"ok: {config.merge_method} over {len(config.referenced_models())} full models (merged by mergekit)")
@@ -148,6 +167,30 @@ def validate(recipe, allow_pickle):
         check_factors(ready)
     click.echo(f"ok: {parsed.method.name} over {len(ready.sources)} adapters, {len(ready.plan.modules)} modules, "
                f"base {ready.base or 'unknown'}")
+
+
+def _span(values: list) -> str:
+    return f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g} to {values[-1]:g}"
+
+
+def verdict_line(verdict) -> str:
+    """``  vllm       yes (--max-lora-rank 16)`` or ``  sglang     no: …`` for one engine."""
+    flag = f" (--max-lora-rank {verdict.max_lora_rank})" if verdict.ok and verdict.max_lora_rank else ""
+    note = f"; {verdict.note}" if verdict.ok and verdict.note else ""
+    head = f"  {verdict.engine:10s} "
+    if verdict.ok:
+        return f"{head}yes{flag}{note}"
+    fix = "" if verdict.engine == "peft" else f" (merge with --for {verdict.engine} to fix)"
+    return f"{head}no: {'; '.join(verdict.reasons)}{fix}"
+
+
+def serving_line(report) -> str:
+    """What the merge output is stored for and the flag the engine needs."""
+    verdict = report.serving.get(report.serve_for, {})
+    flag = f", serve with --max-lora-rank {verdict['max_lora_rank']}" if verdict.get("max_lora_rank") else ""
+    gguf = " and adapter.gguf" if report.serve_for == "llama.cpp" else ""
+    ranks = report.summary()
+    return f"stored for {report.serve_for}: PEFT files{gguf} at rank {ranks.get('rank_max')}, scale 1{flag}"
 
 
 @main.command()
@@ -169,6 +212,26 @@ def reconstruct(bundle, task, out, overwrite):
         stage.commit()
     error = loaded.manifest["tasks"][loaded.task_index(task)]["error"]
     click.echo(f"wrote {out}: task {task!r} rebuilt from {bundle} (relative error of ΔW {error:.3e})")
+
+
+@main.command("export-gguf")
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.argument("base", metavar="BASE")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="replace OUT if it is a GGUF LoRA written by this tool")
+@click.option("--allow-pickle", is_flag=True, help="also read adapter_model.bin (loaded with weights_only=True)")
+@one_line_errors
+def export_gguf_cmd(adapter, base, out, overwrite, allow_pickle):
+    """Write the PEFT LoRA ADAPTER as llama.cpp's GGUF LoRA file OUT (for `llama-server -m BASE.gguf --lora OUT`).
+
+    BASE names the tensors: the base's GGUF file (every tensor name and shape is checked against it), a model
+    directory or config.json, or a Hub id (only its config.json is fetched)."""
+    from lowrank_methods.pipeline.serving import export_for_llama_cpp
+
+    done = export_for_llama_cpp(Path(adapter), base, Path(out), overwrite=overwrite, allow_pickle=allow_pickle)
+    padded = f", {done.padded} modules zero-padded to it" if done.padded else ""
+    click.echo(f"wrote {out}: {done.modules} modules at rank {done.rank} (alpha {done.rank}, scale 1){padded}, "
+               f"{str(done.dtype).removeprefix('torch.')}")
 
 
 @main.command("push")

@@ -143,6 +143,9 @@ def plan_remix(source: str, sets: list[str] | tuple[str, ...] = ()) -> Remix:
     data = load_yaml(merged.recipe)
     if not isinstance(data, dict):
         raise RecipeError(f"the recipe of {source} is not a YAML mapping")
+    stored_for = merged.report.get("serve_for")
+    if stored_for and isinstance(data.get("parameters") or {}, dict) and "serve_for" not in (data.get("parameters") or {}):
+        data["parameters"] = {**(data.get("parameters") or {}), "serve_for": stored_for}  # it came from --for
     apply_sets(data, sets)
     _check(data)  # a bad --set fails here, before any adapter is looked up
     notes = pin_sources(data, merged)

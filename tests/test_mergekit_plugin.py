@@ -251,6 +251,22 @@ def test_mergekit_yaml_takes_a_rank_budget(patched, tmp):
     assert config["rank_pattern"] and config["alpha_pattern"] == config["rank_pattern"]
 
 
+def test_mergekit_yaml_takes_serve_for(patched, tmp):
+    """`serve_for` through the stock command: the same adapter as our CLI, one rank everywhere, scale 1."""
+    import json
+
+    mods = {f"model.layers.{i}.self_attn.{p}_proj": (12, 10) for i in range(2) for p in "qv"} | {
+        "model.layers.0.mlp.down_proj": (10, 30)}
+    adapters = [(write_adapter(tmp / f"a{i}", mods, r=3, seed=i), None) for i in range(3)]
+    recipe = write_recipe(tmp / "r.yml", "task_arithmetic", adapters, {"rank_budget": 3, "serve_for": "sglang"})
+    same_adapter_from_both_clis(recipe, tmp)
+    config = json.loads((tmp / "mk" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    ranks = {t.shape[0] for k, t in load_file(str(tmp / "mk" / "adapter_model.safetensors")).items() if "lora_A" in k}
+    assert not config["rank_pattern"] and ranks == {config["r"]} and config["lora_alpha"] == config["r"]
+
+
 @pytest.mark.gpu
 def test_cuda_device_merges_on_gpu(patched, tmp):
     if not torch.cuda.is_available():

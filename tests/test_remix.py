@@ -139,6 +139,18 @@ def test_remix_of_a_local_output_folder(fake_hub, published, tmp_path):
     assert adapter_bytes(tmp_path / "r") == adapter_bytes(published)
 
 
+def test_remix_keeps_the_serving_profile_given_by_flag(fake_hub, tmp_path, monkeypatch):
+    """`merge --for vllm` is not in the recipe text; the remix reads it from the report and stores it the same way."""
+    monkeypatch.chdir(tmp_path)
+    seed_sources(fake_hub, tmp_path)
+    (tmp_path / "recipe.yml").write_text(RECIPE)
+    cli("merge", "recipe.yml", "out", "-q", "--for", "vllm")
+    plan = cli("remix", "out", tmp_path / "r", "--dry-run").output
+    assert "serve_for: vllm" in plan
+    cli("remix", "out", tmp_path / "r", "-q")
+    assert adapter_bytes(tmp_path / "r") == adapter_bytes(tmp_path / "out")
+
+
 @pytest.mark.parametrize("args, message", [
     (["org/nothing-here"], "no Hub repo org/nothing-here"),
     (["org/merged@v9"], "has no revision 'v9'"),

@@ -33,6 +33,16 @@ class LoraFactors:
     def dense(self) -> torch.Tensor:
         return self.B @ self.A
 
+    def padded(self, rank: int) -> "LoraFactors":
+        """The same ΔW at rank ``rank`` ≥ self.rank: zero rows appended to A and zero columns to B (exact)."""
+        extra = rank - self.rank
+        if extra < 0:
+            raise ValueError(f"cannot pad rank {self.rank} down to {rank}")
+        if extra == 0:
+            return self
+        return LoraFactors(torch.cat([self.A, self.A.new_zeros(extra, self.A.shape[1])]),
+                           torch.cat([self.B, self.B.new_zeros(self.B.shape[0], extra)], dim=1))
+
     def to(self, device=None, dtype=None) -> "LoraFactors":
         return LoraFactors(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype))
 

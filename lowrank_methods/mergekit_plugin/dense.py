@@ -77,9 +77,10 @@ def merge_dense(method: Method | str, tensors: Sequence[torch.Tensor], weights: 
     method = get_method(method) if isinstance(method, str) else method
     values = dict(parameters or {})
     output = values.pop("output", None)
-    if values.pop("rank_budget", None) is not None:
-        raise RecipeError(f"{method.name}: rank_budget sizes an adapter merged from LoRA adapters; merging dense "
-                          "tensors gives merged weights: remove it", module=name)
+    for adapter_only in ("rank_budget", "serve_for"):
+        if values.pop(adapter_only, None) is not None:
+            raise RecipeError(f"{method.name}: {adapter_only} shapes an adapter merged from LoRA adapters; merging "
+                              "dense tensors gives merged weights: remove it", module=name)
     if output not in DENSE_OUTPUTS:
         raise RecipeError(f"{method.name}: output {short(output)} is for LoRA adapter inputs; merging dense tensors "
                           "gives merged weights: leave `output` unset or use `output: model`", module=name)

@@ -30,6 +30,8 @@ def mergekit_method(method):
     params.append(ParameterSpec("output", Any, ParameterScope.SHARED, default=None, description="adapter, model or bundle"))
     params.append(ParameterSpec("rank_budget", Any, ParameterScope.SHARED, default=None,
                                 description="adapter output: the parameters of this rank everywhere, spread by spectrum"))
+    params.append(ParameterSpec("serve_for", Any, ParameterScope.SHARED, default=None,
+                                description="adapter output: peft, vllm, sglang or llama.cpp (one rank, scale 1)"))
     spec = MergeMethodSpec(name=method.name, pretty_name=method.pretty_name, reference_url=method.reference_url,
                            parameters=tuple(params), contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=1))
 

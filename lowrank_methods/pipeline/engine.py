@@ -82,6 +82,8 @@ class MergeReport:
     device: str = "cpu"
     recipe: str = ""
     base_model_on_hub: bool | None = None  # decided once, at merge time: the card links Hub ids only
+    serve_for: str | None = None           # the serving profile the adapter was stored for
+    serving: dict = field(default_factory=dict)  # engine -> formats.serving.Verdict of the written adapter
 
     def summary(self) -> dict[str, float]:
         energies = [s["retained_energy"] for s in self.modules.values() if s.get("retained_energy") is not None]
@@ -129,6 +131,7 @@ class Prepared:
     sources: list[AdapterSource]
     base: str | None
     plan: Plan
+    gguf_base: object = None  # --for llama.cpp: the base's GGUF names (formats.gguf_lora.GgufBase)
 
 
 def prepare(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | None = None) -> Prepared:
@@ -146,7 +149,26 @@ def prepare(recipe: Recipe, *, allow_pickle: bool = False, scratch: Path | None 
                 e.module = e.module or module
                 raise
     recipe.check_output_fields()
-    return Prepared(recipe, sources, base, plan)
+    from lowrank_methods.pipeline.serving import check_servable
+
+    ready = Prepared(recipe, sources, base, plan)
+    ready.gguf_base = check_servable(ready, recipe.serve_for)
+    return ready
+
+
+def with_serve_for(recipe: Recipe, engine: str | None) -> Recipe:
+    """``recipe`` stored for ``engine`` (``--for``): one engine, whether it comes from the flag, the recipe or both."""
+    from dataclasses import replace
+
+    from lowrank_methods.core.errors import RecipeError
+    from lowrank_methods.pipeline.recipe import check_serve_for
+
+    if engine is None or engine == recipe.serve_for:
+        return recipe
+    check_serve_for(engine, recipe.output, where="--for")
+    if recipe.serve_for is not None:
+        raise RecipeError(f"--for {engine} disagrees with the recipe's serve_for: {recipe.serve_for}; drop one of them")
+    return replace(recipe, serve_for=engine)
 
 
 def check_factors(ready: Prepared) -> None:
@@ -170,13 +192,16 @@ def run_merge(
     write_card: bool = True,
     threads: int | None = None,
     out_shard_size: int | str | None = None,
+    serve_for: str | None = None,
 ) -> MergeReport:
     """Merge the recipe's adapters module by module and write the result atomically to ``out``.
     ``threads``: modules merged at once (default: the cores this process may run on).
-    ``out_shard_size``: bytes per weights file of ``output: model`` (int, or "500M", "5B"; default 5B)."""
+    ``out_shard_size``: bytes per weights file of ``output: model`` (int, or "500M", "5B"; default 5B).
+    ``serve_for``: store the adapter for this serving engine (``--for``; the recipe's ``serve_for`` otherwise)."""
     from lowrank_methods.pipeline.staging import StagedOutput
     from lowrank_methods.pipeline.threads import check_threads
 
+    recipe = with_serve_for(recipe, serve_for)
     start = time.perf_counter()
     dev = resolve_device(device)
     threads = check_threads(threads)
@@ -205,6 +230,7 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
         adapters=[_describe(ref, src) for ref, src in zip(recipe.adapters, sources)],
         parameters=dict(recipe.settings), device=str(dev), recipe=recipe.text,
         base_model_on_hub=None if base is None else not Path(base.partition("@")[0]).expanduser().exists(),
+        serve_for=recipe.serve_for,
     )
     out_dtype = DTYPES[recipe.dtype] if recipe.dtype else sources[0].dtype
     extras = _carried_tensors(sources)
@@ -226,6 +252,10 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
             results = tqdm(merged, total=len(plan.modules), desc="merging modules", unit="module", disable=quiet)
             if recipe.rank_budget is not None:  # every module's result is needed before any rank is chosen
                 results = within_budget(list(results), recipe.rank_budget)
+            if recipe.serve_for not in (None, "peft"):  # so is the one rank of a serving profile
+                from lowrank_methods.pipeline.serving import served
+
+                results = served(list(results), recipe.serve_for)
             for module, result in results:
                 writer.add(module, plan.layouts[module], result)
                 report.modules[module] = dict(result.stats)
@@ -233,6 +263,14 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
             writer.add_extra(key, src.read_raw(key).to(out_dtype), module)
         report.seconds = time.perf_counter() - start
         writer.finish({**first, "base_model_name_or_path": base})
+        if ready.gguf_base is not None:
+            from lowrank_methods.formats.gguf_lora import GGUF_FILE, export_gguf
+
+            export_gguf(stage.path, ready.gguf_base, stage.path / GGUF_FILE)
+        if recipe.output == "adapter":
+            from lowrank_methods.pipeline.serving import adapter_verdicts
+
+            report.serving = {e: asdict(v) | {"ok": v.ok} for e, v in adapter_verdicts(stage.path)[1].items()}
         _write_report(stage.path, report)
         if write_card:
             from lowrank_methods.publish.card import write_card

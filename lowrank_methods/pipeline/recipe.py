@@ -60,7 +60,7 @@ class RecipeFile(BaseModel):
     chat_template: str | None = None
 
 
-ENGINE_PARAMETERS = {"output", "rank_budget"}  # read by the engine, not by the method
+ENGINE_PARAMETERS = {"output", "rank_budget", "serve_for"}  # read by the engine, not by the method
 PER_ADAPTER_PARAMETERS = {"weight"}
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
@@ -86,6 +86,7 @@ class Recipe:
     dtype: str | None
     text: str
     rank_budget: int | None = None  # the parameters of rank r everywhere, spread over modules (core/allocation.py)
+    serve_for: str | None = None    # the serving engine the adapter is stored for (pipeline/serving.py)
 
     # -- parameters per module ----------------------------------------------------------------
     def params_for(self, module: str, t: float = 0.0) -> MethodParams:
@@ -246,15 +247,29 @@ def parse_recipe(text: str) -> Recipe:
                               f"count is spread over the modules), got {short(rank_budget)}")
         if output != "adapter":
             raise RecipeError(f"parameters.rank_budget sizes an adapter; output: {output} does not take it")
+    serve_for = check_serve_for(settings.get("serve_for"), output)
     dtype = raw.out_dtype or raw.dtype
     if dtype is not None and dtype not in DTYPES:
         raise RecipeError(f"dtype {short(dtype)} is not one of {', '.join(sorted(DTYPES))}")
     if not raw.models:
         raise RecipeError("recipe lists no models; add the adapters under `models:`")
     adapters = _adapter_refs(raw.models, raw.base_model)
-    recipe = Recipe(method, adapters, raw.base_model, settings, output, dtype, text, rank_budget)
+    recipe = Recipe(method, adapters, raw.base_model, settings, output, dtype, text, rank_budget, serve_for)
     recipe.check()
     return recipe
+
+
+def check_serve_for(engine, output: str, *, where: str = "parameters.serve_for") -> str | None:
+    """``serve_for`` (or ``--for``): one of the engines of ``formats/serving.py``, for an adapter output."""
+    from lowrank_methods.formats.serving import ENGINES
+
+    if engine is None:
+        return None
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise RecipeError(f"{where} must be one of {', '.join(ENGINES)}, got {short(engine)}")
+    if output != "adapter":
+        raise RecipeError(f"{where} stores an adapter for a serving engine; output: {output} does not take it")
+    return engine
 
 
 def _adapter_refs(models: list[ModelEntry], base_model: str | None) -> list[AdapterRef]:

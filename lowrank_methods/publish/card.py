@@ -134,7 +134,7 @@ def _template_values(d: dict, repo_id: str | None, plot: str | None) -> dict:
     """Every name, link, number and table row the card shows, formatted as it shows them.
     The template only places them, so a change of wording or layout is an edit of the template alone."""
     return {**_intro_values(d, repo_id), **_method_values(d), **_usage_values(d, repo_id), **_report_values(d, plot),
-            "recipe": d.get("recipe", "").strip()}
+            **_serving_values(d, repo_id), "recipe": d.get("recipe", "").strip()}
 
 
 def _intro_values(d: dict, repo_id: str | None) -> dict:
@@ -190,6 +190,28 @@ def _usage_values(d: dict, repo_id: str | None) -> dict:
             "task": task, "bundle_folder": repo_id.split("/")[-1] if repo_id else location,
             "adapter_folder": f"{task}-adapter" if d.get("output") == "bundle" else location,
             "base_is_local": d.get("base_model_on_hub", True) is False or not d.get("base_model")}
+
+
+def _serving_values(d: dict, repo_id: str | None) -> dict:
+    """Per serving engine (the report's verdicts of the written adapter): the command that serves it, or why that
+    engine would not compute the same update, and the profile the adapter was stored for."""
+    from lowrank_methods.formats.serving import serve_command
+
+    base = (d.get("base_model") or "BASE_MODEL").partition("@")[0]
+    name = (repo_id or "merged").split("/")[-1]
+    location = repo_id.split("/")[-1] if repo_id else "path/to/this/folder"  # engines read a local folder
+    served, refused = [], []
+    for engine, v in (d.get("serving") or {}).items():
+        if engine == "peft":
+            continue
+        if v.get("ok"):
+            served.append((engine, serve_command(engine, base, location, name, v.get("max_lora_rank"),
+                                                 has_gguf=v.get("note") is None)))
+        else:
+            refused.append((engine, "; ".join(v.get("reasons", []))))
+    return {"serve_for": d.get("serve_for"), "served_rows": served, "refused_rows": refused,
+            "serve_rank": next((v.get("max_lora_rank") for v in (d.get("serving") or {}).values()
+                                if v.get("max_lora_rank")), None)}
 
 
 def _report_values(d: dict, plot: str | None) -> dict:
