@@ -190,7 +190,9 @@ def serving_line(report) -> str:
     flag = f", serve with --max-lora-rank {verdict['max_lora_rank']}" if verdict.get("max_lora_rank") else ""
     gguf = " and adapter.gguf" if report.serve_for == "llama.cpp" else ""
     ranks = report.summary()
-    return f"stored for {report.serve_for}: PEFT files{gguf} at rank {ranks.get('rank_max')}, scale 1{flag}"
+    padded = sum("update_rank" in stats for stats in report.modules.values())
+    padding = f" ({padded} modules zero-padded to it)" if padded else ""
+    return f"stored for {report.serve_for}: PEFT files{gguf} at rank {ranks.get('rank_max')}{padding}, scale 1{flag}"
 
 
 @main.command()
