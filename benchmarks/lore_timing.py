@@ -1,11 +1,15 @@
-"""LoRE timing: seconds per 4096×4096 matrix per coordinate-descent iteration, exact-SVD vs svd_lowrank route.
+"""LoRE at the scale of a 1B model: 20 coordinate-descent iterations over n = 4 models, timed per matrix shape.
 
-    python -m benchmarks.lore_timing                         # n = 2, 4 models, 4096², float32, 1 thread, CPU
+    python -m benchmarks.lore_timing                          # every shape of Llama-3.2-1B, 2 threads, CPU
+    python -m benchmarks.lore_timing --threads 1 --skip-embedding
     python -m benchmarks.lore_timing --device cuda --update-docs docs/benchmarks.md
 
-Each θ_i = W + (rank-`task_rank` task part, singular values 1..2) + 1e-3 noise, τ = 0.3: θ_i − θ0 then has rank
-≤ n·task_rank above τ. One iteration = θ0 update + n SVTs + objective; the first is always exact (no rank hint yet),
-later ones take the low-rank route when the previous rank is small. Extrapolates to a Llama-3.2-1B-shaped model.
+For each distinct matrix shape of Llama-3.2-1B (q/o 2048², k/v 512×2048, gate/up 8192×2048, down 2048×8192, the tied
+128256×2048 embedding), n = 4 synthetic "fine-tunes" θ_i = W + (rank-32 task part, σ from 2 to 1) + noise whose
+largest singular value is ≈ 0.1, τ = 0.3: θ_i − θ0 has rank ≈ 32 above τ, as in a merge of four distinct fine-tunes.
+``lore_decompose`` runs 20 iterations (tol = 0) with certified subspace SVTs warm-started from the previous
+iteration; the model's time is the sum over its matrices (shape time × count; 1-D tensors are averages, free). On the
+two smallest shapes the exact-SVD route runs too: the objectives must agree within 1e-3 (relative).
 """
 
 from __future__ import annotations
@@ -20,140 +24,98 @@ import torch
 
 from benchmarks.docs import write_section
 
-from lowrank_methods.core.methods.lore import svt
+from lowrank_methods.core.methods.lore import lore_decompose
 
 # Llama-3.2-1B: 16 layers, hidden 2048, MLP 8192, 8 KV heads of 64 (k/v 512×2048), vocab 128256, tied embeddings
 LAYERS = 16
-LAYER_SHAPES = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
-                "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}
-EMBED = (128256, 2048)
+SHAPES = {"q_proj, o_proj": ((2048, 2048), 2 * LAYERS), "k_proj, v_proj": ((512, 2048), 2 * LAYERS),
+          "gate_proj, up_proj": ((8192, 2048), 2 * LAYERS), "down_proj": ((2048, 8192), LAYERS),
+          "embed_tokens (tied)": ((128256, 2048), 1)}
+EXACT_TOO = ("k_proj, v_proj", "q_proj, o_proj")
+MODELS, ITERATIONS, TASK_RANK, TAU = 4, 20, 32, 0.3
+BEFORE_S = 198.0 * 4 * 20 + 4 * 1241 - 4 * 198  # docs of 2026-11: first iteration exact, then the sketch route
 
 
-def models(n: int, size: int, task_rank: int, device, seed: int = 0) -> list[torch.Tensor]:
+def models(shape: tuple[int, int], device, seed: int = 0) -> list[torch.Tensor]:
+    m, n = shape
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(size, size, generator=g) / size**0.5
+    W = torch.randn(m, n, generator=g) / n**0.5
+    noise = 0.1 / (m**0.5 + n**0.5)  # largest singular value of the noise ≈ 0.1, below τ
     out = []
-    for _ in range(n):
-        U = torch.linalg.qr(torch.randn(size, task_rank, generator=g))[0]
-        V = torch.linalg.qr(torch.randn(size, task_rank, generator=g))[0]
-        out.append(W + (U * torch.linspace(2, 1, task_rank)) @ V.T + 1e-3 * torch.randn(size, size, generator=g))
-    return [t.to(device) for t in out]
+    for _ in range(MODELS):
+        U = torch.linalg.qr(torch.randn(m, TASK_RANK, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(n, TASK_RANK, generator=g))[0]
+        t = W + (U * torch.linspace(2, 1, TASK_RANK)) @ V.T
+        t += noise * torch.randn(m, n, generator=g)
+        out.append(t.to(device))
+    return out
 
 
-def _sync(device):
+def timed(thetas, lowrank: bool, device) -> tuple[float, float, object]:
+    """(wall s, CPU s, decomposition) of 20 iterations."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def _clock(device) -> float:
-    """CPU: process time (with 1 thread ≈ the uncontended wall time; the machine is shared); GPU: wall time."""
-    return time.perf_counter() if torch.device(device).type == "cuda" else time.process_time()
-
-
-def iteration(thetas, deltas, tau, hints, device):
-    """One LoRE iteration (θ0 update, n SVTs, objective), timed; returns (seconds, new deltas)."""
-    _sync(device)
-    t0 = _clock(device)
-    base = sum(t - d.dense() for t, d in zip(thetas, deltas)) / len(thetas)
-    new = [svt(t - base, tau, h) for t, h in zip(thetas, hints)]
-    objective = sum(0.5 * float(torch.linalg.vector_norm(base + d.dense() - t)) ** 2 + tau * d.nuclear_norm()
-                    for t, d in zip(thetas, new))
-    _sync(device)
-    assert objective == objective
-    return _clock(device) - t0, new
-
-
-def time_svd(shape, device) -> float:
-    X = torch.randn(*shape, device=device)
-    _sync(device)
-    t0 = _clock(device)
-    torch.linalg.svd(X, full_matrices=False)
-    _sync(device)
-    return _clock(device) - t0
+    wall, cpu = time.perf_counter(), time.process_time()
+    dec = lore_decompose(thetas, tau=TAU, iterations=ITERATIONS, tol=0, lowrank=lowrank)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu, dec
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="2,4")
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--task-rank", type=int, default=32)
-    ap.add_argument("--tau", type=float, default=0.3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-embedding", action="store_true", help="estimate the embedding from down_proj (by m·n)")
     ap.add_argument("--update-docs", type=Path, help="write the table between the lore markers of this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dev = args.device
-    rows, per_unit = [], {}
-    for n in [int(x) for x in args.models.split(",")]:
-        thetas = models(n, args.size, args.task_rank, dev)
-        zero = [svt(torch.zeros(args.size, args.size, device=dev), 1.0) for _ in thetas]
-        t_exact, deltas = iteration(thetas, zero, args.tau, [None] * n, dev)
-        ranks = [d.rank for d in deltas]
-        t_low, fast = iteration(thetas, deltas, args.tau, ranks, dev)
-        err = float("nan")
-        if n == min(int(x) for x in args.models.split(",")):  # accuracy, once: model 0's δ by the exact SVD
-            base = sum(t - d.dense() for t, d in zip(thetas, deltas)) / n
-            exact = svt(thetas[0] - base, args.tau).dense()
-            err = float((fast[0].dense() - exact).norm() / exact.norm())
-        routes = ",".join(sorted({d.route for d in fast}))
-        rows.append((n, ranks, t_exact, t_low, routes, err))
-        per_unit[n] = (t_exact / n, t_low / n)
-        print(f"n={n}: ranks {ranks}, exact {t_exact:.2f} s/iter, low-rank ({routes}) {t_low:.2f} s/iter, "
-              f"rel. err vs exact {err:.1e}", flush=True)
-    tall = time_svd(EMBED[1:] + (4 * EMBED[1],), dev)  # 2048×8192: calibrates thin SVDs of non-square matrices
-    square = per_unit[max(per_unit)][0]
-    table = render(args, rows, tall, square, dev)
+    rows = []
+    for name, (shape, count) in SHAPES.items():
+        if args.skip_embedding and name.startswith("embed"):
+            continue
+        thetas = models(shape, args.device)
+        wall, cpu, dec = timed(thetas, True, args.device)
+        routes = sorted({d.route for d in dec.deltas})
+        exact = timed(thetas, False, args.device) if name in EXACT_TOO else None
+        agree = abs(dec.objective[-1] - exact[2].objective[-1]) / abs(exact[2].objective[-1]) if exact else None
+        rows.append((name, shape, count, wall, cpu, [d.rank for d in dec.deltas], routes, exact, agree))
+        print(f"{name} {shape}: {wall:.1f} s wall, {cpu:.1f} s CPU, ranks {rows[-1][5]}, {routes}"
+              + (f"; exact route {exact[0]:.1f} s, objective agrees to {agree:.1e}" if exact else ""), flush=True)
+        del thetas, dec
+    table = render(args, rows)
     print(table)
     if args.update_docs:
         write_section("lore", f"## LoRE\n\n{table}", Path(args.update_docs))
 
 
-def model_seconds(square_4096: float, tall_2048x8192: float) -> float:
-    """Exact SVDs of every matrix of one 1B-shaped model: square matrices scale as size³ from the 4096² time,
-    non-square ones as m·n·min(m,n) from the measured 2048×8192 time."""
-    def cost(m, n):
-        if m == n:
-            return square_4096 * (m / 4096) ** 3
-        return tall_2048x8192 * (max(m, n) * min(m, n) ** 2) / (8192 * 2048**2)
-
-    return LAYERS * sum(cost(*s) for s in LAYER_SHAPES.values()) + cost(*EMBED)
-
-
-def model_lowrank_seconds(per_matrix: float, size: int) -> float:
-    """Sketch SVTs of every matrix of one 1B-shaped model, scaling the measured size² time by m·n."""
-    def cost(m, n):
-        return per_matrix * m * n / size**2
-
-    return LAYERS * sum(cost(*s) for s in LAYER_SHAPES.values()) + cost(*EMBED)
-
-
-def render(args, rows, tall, square, dev) -> str:
-    who = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)" if dev == "cpu" else \
+def render(args, rows) -> str:
+    who = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)" if args.device == "cpu" else \
         torch.cuda.get_device_name()
-    lines = [f"`python -m benchmarks.lore_timing`: {args.size}×{args.size} float32, device {dev} ({who}), "
-             f"task rank {args.task_rank} per model, τ = {args.tau}; torch {torch.__version__}; 1-min load average at the "
-             f"end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, so CPU seconds are measured (process time) "
-             "instead of wall time.", "",
-             "| models n | rank of δ_i | exact SVD route, s/iteration | low-rank route, s/iteration |"
-             " per matrix per model (exact / low-rank) | low-rank vs exact (rel. Frobenius) |",
-             "|---|---|---|---|---|---|"]
-    for n, ranks, te, tl, routes, err in rows:
-        lines.append(f"| {n} | {ranks} | {te:.1f} | {tl:.2f} ({routes}) | {te / n:.1f} s / {tl / n:.2f} s | "
-                     f"{'—' if err != err else f'{err:.0e}'} |")
-    model_exact = model_seconds(square, tall)
-    model_low = model_lowrank_seconds(rows[-1][3] / rows[-1][0], args.size)
-    lines += ["", f"One exact 2048×8192 SVD: {tall:.1f} s. Llama-3.2-1B-shaped model (16 layers, hidden 2048, MLP "
-              f"8192, k/v 512×2048, tied 128256×2048 embedding; 1.24 B parameters), per model per iteration: "
-              f"**exact route ≈ {model_exact:.0f} s**, low-rank route ≈ {model_low:.0f} s (sketch cost ∝ m·n at the "
-              f"same rank). n = 4 models, 20 iterations (the first one exact): ≈ "
-              f"{4 * 20 * model_exact / 3600:.1f} h with exact SVDs only, ≈ "
-              f"{4 * (model_exact + 19 * model_low) / 3600:.1f} h with the low-rank route."]
-    if dev == "cpu":
-        lines += ["", "GPU: not measured in this run (no GPU was available; `python -m benchmarks.lore_timing --device cuda "
-                  "--update-docs docs/benchmarks.md` measures one; mergekit runs the method there with `--cuda`)."]
+    lines = [f"`python -m benchmarks.lore_timing --threads {args.threads}`: n = {MODELS} models, {ITERATIONS} "
+             f"iterations, τ = {TAU}, rank-{TASK_RANK} task parts (module docstring), float32, device {args.device} "
+             f"({who}); torch {torch.__version__}; 1-min load average at the end {os.getloadavg()[0]:.1f} on "
+             f"{os.cpu_count()} cores.", "",
+             "| matrices | shape | per model | 20 iterations × 4 models, wall s (CPU s) | rank of δ_i | route | "
+             "exact route, wall s | objective vs exact (rel.) |",
+             "|---|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for name, shape, count, wall, cpu, ranks, routes, exact, agree in rows:
+        total += wall * count
+        lines.append(f"| {name} | {shape[0]}×{shape[1]} | {count} | {wall:.1f} ({cpu:.1f}) | {ranks} | "
+                     f"{', '.join(routes)} | {f'{exact[0]:.1f}' if exact else '—'} | "
+                     f"{f'{agree:.0e}' if agree is not None else '—'} |")
+    if not any(r[0].startswith("embed") for r in rows):
+        down = next(r for r in rows if r[0] == "down_proj")
+        total += down[3] * (128256 * 2048) / (2048 * 8192)
+    lines += ["", f"Llama-3.2-1B-shaped model (1.24 B parameters), 4 models × 20 iterations: **≈ {total / 60:.0f} min** "
+              f"(the sum of shape time × count), against ≈ {BEFORE_S / 3600:.1f} h before (2026-11: exact first "
+              "iteration, then a cold randomized sketch with 6 power iterations each time: 198 s per model per "
+              "iteration, 1241 s for an exact one)."]
+    if args.device == "cpu":
+        lines += ["", "GPU: not measured (no GPU was lent; `--device cuda` measures one; mergekit runs LoRE there with "
+                  "`--cuda`)."]
     return "\n".join(lines)
-
 
 
 if __name__ == "__main__":

@@ -29,20 +29,35 @@ def test_svt_matches_definition_and_rank():
         assert out.rank == int((S > tau).sum())
 
 
-def test_lowrank_route_matches_exact_and_falls_back():
+def test_subspace_route_matches_exact_grows_and_falls_back():
     g = torch.Generator().manual_seed(1)
-    X = 3 * torch.randn(200, 6, generator=g, dtype=F64) @ torch.randn(6, 160, generator=g, dtype=F64)
-    X = X + 0.05 * torch.randn(200, 160, generator=g, dtype=F64)
+    X = 3 * torch.randn(400, 6, generator=g, dtype=F64) @ torch.randn(6, 320, generator=g, dtype=F64)
+    X = X + 0.05 * torch.randn(400, 320, generator=g, dtype=F64)
     exact = svt(X, 2.0)
-    fast = svt(X, 2.0, rank_hint=6)
-    assert fast.route == "lowrank" and exact.route == "exact" and fast.rank == exact.rank == 6
-    torch.testing.assert_close(fast.dense(), exact.dense(), rtol=0, atol=1e-9 * float(exact.s[0]))
-    # 30 components above τ but a sketch sized for rank 0 (q = 10): saturated → exact SVD
-    Y = 3 * torch.randn(200, 30, generator=g, dtype=F64) @ torch.randn(30, 160, generator=g, dtype=F64)
-    out = svt(Y, 2.0, rank_hint=0)
-    assert out.route == "exact" and out.rank == 30
-    # the low-rank route is only tried when the sketch is small next to min(m, n)
-    assert svt(X[:, :40], 2.0, rank_hint=6).route == "exact"
+    cold = svt(X, 2.0, lowrank=True)  # random block of 24 columns
+    warm = svt(X + 0.01 * torch.randn(400, 320, generator=g, dtype=F64), 2.0, exact)  # from a nearby δ
+    assert exact.route == "exact" and cold.route == warm.route == "subspace" and cold.rank == warm.rank == 6
+    torch.testing.assert_close(cold.dense(), exact.dense(), rtol=0, atol=1e-9 * float(exact.s[0]))
+    assert cold.fit == pytest.approx(exact.fit, rel=1e-9)  # ‖X − δ‖² without the dense δ
+    # 40 components above τ, block starting at 24: widened (24 → 45 → 75) until one σ falls below τ
+    Y = 3 * torch.randn(400, 40, generator=g, dtype=F64) @ torch.randn(40, 320, generator=g, dtype=F64)
+    grown = svt(Y, 2.0, lowrank=True)
+    assert grown.route == "subspace" and grown.rank == 40
+    torch.testing.assert_close(grown.dense(), svt(Y, 2.0).dense(), rtol=0, atol=1e-8 * float(grown.s[0]))
+    # a block that would reach a quarter of min(m, n) is not tried: the exact SVD
+    assert svt(X[:, :80], 2.0, lowrank=True).route == "exact"
+    full = 3 * torch.randn(400, 320, generator=g, dtype=F64)  # everything above τ: widening runs out
+    assert svt(full, 2.0, lowrank=True).route == "exact"
+
+
+def test_lowrank_decomposition_matches_the_exact_route():
+    thetas = [t.repeat(8, 8) + 0.01 * torch.randn(192, 144, generator=torch.Generator().manual_seed(i), dtype=F64)
+              for i, t in enumerate(_models(3, 24, 18, rank=2))]
+    exact = lore_decompose(thetas, tau=0.5, iterations=8, tol=0, lowrank=False)
+    fast = lore_decompose(thetas, tau=0.5, iterations=8, tol=0, lowrank=True)
+    assert {d.route for d in fast.deltas} == {"subspace"} and {d.route for d in exact.deltas} == {"exact"}
+    np.testing.assert_allclose(fast.objective, exact.objective, rtol=1e-9)
+    torch.testing.assert_close(fast.base, exact.base, rtol=0, atol=1e-8)
 
 
 def test_tau_zero_reconstructs_exactly_and_base_is_mean():

@@ -28,12 +28,14 @@ DEFAULT_TAU = 0.01  # the μ = 0.01 of a third-party reimplementation, read as t
 
 @dataclass
 class Thresholded:
-    """SVT_τ(X) = U diag(s) Vh with s = σ − τ > 0 for the singular values σ of X above τ."""
+    """SVT_τ(X) = U diag(s) Vh with s = σ − τ > 0 for the singular values σ of X above τ; ``fit`` = ‖X − SVT_τ(X)‖²_F
+    (k·τ² plus the energy below τ), so the objective never needs the dense δ."""
 
     U: torch.Tensor
     s: torch.Tensor
     Vh: torch.Tensor
-    route: Literal["exact", "lowrank"] = "exact"
+    route: Literal["exact", "subspace"] = "exact"
+    fit: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -46,70 +48,92 @@ class Thresholded:
         return (self.U * self.s) @ self.Vh
 
 
-def svt(X: torch.Tensor, tau: float, rank_hint: int | None = None, *, niter: int = 6) -> Thresholded:
+def svt(X: torch.Tensor, tau: float, start: "Thresholded | None" = None, *, lowrank: bool = False,
+        max_steps: int = 12) -> Thresholded:
     """Singular value thresholding, the prox of τ‖·‖_*: keep σ_j > τ, shrink them to σ_j − τ.
 
-    Exact SVD by default. With ``rank_hint`` (the rank expected above τ, e.g. the previous iteration's) small
-    next to min(m, n), a randomized SVD sketch (as ``torch.svd_lowrank``) is tried first and kept only if it
-    certifies itself (see ``_lowrank_svt``); otherwise the exact SVD is used.
+    Exact SVD unless ``lowrank`` (or a ``start``): then block subspace iteration from ``start``'s right singular
+    vectors (the previous LoRE iteration's δ, which spans nearly the same subspace) or a random block, its width
+    grown until the smallest σ it finds is below τ, kept only once it certifies itself (see ``_subspace_svt``);
+    the exact SVD when the block would reach a quarter of min(m, n) or the steps run out.
     """
-    if rank_hint is not None:
-        q = _sketch_size(rank_hint)
-        if 4 * q <= min(X.shape):
-            result = _lowrank_svt(X, tau, q, niter)
-            if result is not None:
-                return result
-    return _shrink(*torch.linalg.svd(X, full_matrices=False), tau)
-
-
-def _sketch_size(rank_hint: int) -> int:
-    return rank_hint + max(10, rank_hint // 4)  # oversampling: 25%, at least 10
-
-
-def _shrink(U, S, Vh, tau: float) -> Thresholded:
+    if lowrank or start is not None:
+        result = _subspace_svt(X, tau, start, max_steps)
+        if result is not None:
+            return result
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     k = int((S > tau).sum())  # S is sorted descending
-    return Thresholded(U[:, :k], S[:k] - tau, Vh[:k])
+    fit = k * tau * tau + float((S[k:].double() ** 2).sum())
+    return Thresholded(U[:, :k], S[:k] - tau, Vh[:k], "exact", fit)
 
 
-def _lowrank_svt(X: torch.Tensor, tau: float, q: int, niter: int) -> Thresholded | None:
-    """SVT from a rank-q randomized sketch, or None when the sketch cannot be trusted.
+def _oversampled(rank: int) -> int:
+    return rank + max(8, rank // 4)  # 25%, at least 8
 
-    Accepted only if (1) the sketch is not saturated (some sketched σ ≤ τ), (2) the kept triplets are
-    accurate (‖X V − U S‖_F ≤ 1e-4·‖S‖_F) and (3) nothing above τ is left in X − U S Vh (block power estimate
-    of its spectral norm ≤ τ); these are the conditions under which SVT_τ(X) = U (S − τ) Vh.
+
+def _subspace_svt(X: torch.Tensor, tau: float, start: "Thresholded | None", max_steps: int) -> Thresholded | None:
+    """SVT by subspace iteration, or None when it cannot be certified within ``max_steps`` matrix passes.
+
+    With V an orthonormal n×q block: Q = orth(X V), then the SVD of the q×n matrix Qᵀ X gives U = Q Ub, S, Vh, and
+    Vh's rows are the next V (one power step). The result is accepted when (1) the block is not saturated (fewer
+    than q − 2 of its σ are above τ), (2) the kept triplets are accurate (‖X Vhᵀ − U S‖_F ≤ 1e-4·‖S‖_F; 1e-9 in float64) and (3)
+    nothing above τ is left in X − U S Vh (block power estimate of its spectral norm ≤ τ): then SVT_τ(X) =
+    U (S − τ) Vh. Each step costs two products with X at width q; a warm start usually passes after one.
     """
+    m, n = X.shape
     gen = torch.Generator(device=X.device).manual_seed(0)  # private: deterministic, no global RNG state touched
-    U, S, Vh = _sketch_svd(X, q, niter, gen)
-    k = int((S > tau).sum())
-    if k >= q:
-        return None
-    U, S, Vh = U[:, :k], S[:k], Vh[:k]
-    if k and torch.linalg.vector_norm(X @ Vh.T - U * S) > 1e-4 * torch.linalg.vector_norm(S):
-        return None
-    if _deflated_norm(X, U, S, Vh, gen) > tau:
-        return None
-    return Thresholded(U, S - tau, Vh, "lowrank")
+    q = _oversampled(start.rank if start is not None else 16)
+    V = _block(start.Vh.T if start is not None and start.rank else None, n, q, gen, X)
+    squared = float(torch.linalg.vector_norm(X, dim=1).double().square().sum())  # ‖X‖²: float32 rows, summed in
+                                                                                   # float64 (fit = ‖X‖² − ΣS² cancels)
+    for _ in range(max_steps):
+        if 4 * q > min(m, n):
+            return None
+        Q = torch.linalg.qr(X @ V)[0]
+        Ub, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
+        k = int((S > tau).sum())
+        if k > q - 3:  # saturated: widen the block, keeping what was found
+            q = _oversampled(int(1.5 * q))
+            V = _block(Vh.T, n, q, gen, X)
+            continue
+        U = Q @ Ub[:, :k]
+        if _certified(X, U, S[:k], Vh[:k], tau, gen, Vh[k:]):
+            fit = max(squared - float((S[:k].double() ** 2).sum()), 0.0) + k * tau * tau
+            return Thresholded(U, S[:k] - tau, Vh[:k], "subspace", fit)
+        V = Vh.T  # one more power step from the block just found
+    return None
 
 
-def _sketch_svd(X: torch.Tensor, q: int, niter: int, gen: torch.Generator):
-    """Randomized SVD (Halko, Martinsson & Tropp 2011; what ``torch.svd_lowrank`` computes, with our generator):
-    Q = orth((X Xᵀ)^niter X Ω) spans X's top-q range; the SVD of the q×n matrix Qᵀ X lifts back through Q."""
-    Q = torch.linalg.qr(X @ torch.randn(X.shape[1], q, generator=gen, dtype=X.dtype, device=X.device))[0]
-    for _ in range(niter):
-        Q = torch.linalg.qr(X @ torch.linalg.qr(X.T @ Q)[0])[0]
-    Ub, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
-    return Q @ Ub, S, Vh
+def _block(basis: torch.Tensor | None, n: int, q: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """An orthonormal n×q block: ``basis``'s columns (the warm start) completed with random ones."""
+    extra = q - (0 if basis is None else basis.shape[1])
+    fresh = torch.randn(n, max(extra, 0), generator=gen, dtype=like.dtype, device=like.device)
+    block = fresh if basis is None else torch.cat([basis[:, :q], fresh], dim=1)
+    return torch.linalg.qr(block)[0]
 
 
-def _deflated_norm(X, U, S, Vh, gen, block: int = 4, steps: int = 8) -> float:
-    """Block power estimate of ‖X − U S Vh‖_2 (matrix products with thin blocks, never the m×n difference)."""
+def _certified(X, U, S, Vh, tau: float, gen, after: torch.Tensor) -> bool:
+    """(2) and (3) of ``_subspace_svt``: the kept triplets are singular triplets of X and nothing above τ is left.
+    ``after``: the block's next right singular vectors (rows), which start the residual's power estimate."""
+    accuracy = 1e-9 if X.dtype == torch.float64 else 1e-4
+    if S.numel() and torch.linalg.vector_norm(X @ Vh.T - U * S) > accuracy * torch.linalg.vector_norm(S):
+        return False
+    return _deflated_norm(X, U, S, Vh, gen, after) <= tau
+
+
+def _deflated_norm(X, U, S, Vh, gen, after: torch.Tensor | None = None, block: int = 4, steps: int = 5) -> float:
+    """Block power estimate of ‖X − U S Vh‖_2 (products with thin blocks, never the m×n difference), from the next
+    directions the subspace found (``after``) and random ones. Products with X and Yᵀ X (not Xᵀ Y): row-major."""
     def apply(Z):  # (X − U S Vh) Z
         return X @ Z - U @ (S[:, None] * (Vh @ Z))
 
-    def apply_t(Y):  # (X − U S Vh)ᵀ Y
-        return X.T @ Y - Vh.T @ (S[:, None] * (U.T @ Y))
+    def apply_t(Y):  # (X − U S Vh)ᵀ Y, as (Yᵀ X − (Yᵀ U) S Vh)ᵀ
+        return (Y.T @ X - ((Y.T @ U) * S) @ Vh).T
 
-    Z = torch.randn(X.shape[1], block, generator=gen, dtype=X.dtype, device=X.device)
+    warm = [] if after is None else [after[: block // 2].T]
+    fresh = torch.randn(X.shape[1], block - sum(w.shape[1] for w in warm), generator=gen, dtype=X.dtype,
+                        device=X.device)
+    Z = torch.linalg.qr(torch.cat(warm + [fresh], dim=1))[0]
     for _ in range(steps):
         Z = torch.linalg.qr(apply_t(apply(Z)))[0]
     return float(torch.linalg.matrix_norm(apply(Z), ord=2))
@@ -152,24 +176,38 @@ def lore_decompose(thetas: Sequence[torch.Tensor], *, tau: float | None = None, 
     if (tau is None) == (energy is None):
         raise ValueError("give exactly one of tau and energy")
     p = _probabilities(weights, len(thetas))
-    base = sum(pi * t for pi, t in zip(p, thetas))
+    mean = sum(pi * t for pi, t in zip(p, thetas))
+    base = mean
     deltas = [Thresholded(t.new_zeros(t.shape[0], 0), t.new_zeros(0), t.new_zeros(0, t.shape[1])) for t in thetas]
     objective = [_objective(thetas, base, deltas, 0.0, p)]  # δ = 0: no nuclear term
     for it in range(iterations):
         if it:
-            base = sum(pi * (t - d.dense()) for pi, t, d in zip(p, thetas, deltas))
+            base = mean - _weighted_sum(p, deltas)  # θ0 = Σ p_i (θ_i − δ_i): one product for all n δ's
         if tau is None:  # first step, energy target: exact SVDs give both τ and the first δ's
             svds = [torch.linalg.svd(t - base, full_matrices=False) for t in thetas]
             tau = energy_threshold([S for _, S, _ in svds], energy)
-            deltas = [_shrink(*usv, tau) for usv in svds]
+            deltas = [svt_from(usv, tau) for usv in svds]
             del svds
-        else:  # one residual θ_i − θ0 alive at a time
-            hints = [d.rank if (lowrank and it) else None for d in deltas]
-            deltas = [svt(t - base, tau, h) for t, h in zip(thetas, hints)]
-        objective.append(_objective(thetas, base, deltas, tau, p))
+        else:  # one residual θ_i − θ0 alive at a time; each SVT warm-started from the previous δ_i
+            deltas = [svt(t - base, tau, d if (lowrank and d.rank) else None, lowrank=lowrank)
+                      for t, d in zip(thetas, deltas)]
+        objective.append(sum(pi * (0.5 * d.fit + tau * d.nuclear_norm()) for pi, d in zip(p, deltas)))
         if tol > 0 and objective[-2] - objective[-1] < tol * abs(objective[-2]):
             break
     return LoreDecomposition(base, deltas, 0.0 if tau is None else tau, objective)
+
+
+def svt_from(usv, tau: float) -> Thresholded:
+    """SVT_τ of a matrix from its full thin SVD (U, S, Vh)."""
+    U, S, Vh = usv
+    k = int((S > tau).sum())
+    return Thresholded(U[:, :k], S[:k] - tau, Vh[:k], "exact", k * tau * tau + float((S[k:].double() ** 2).sum()))
+
+
+def _weighted_sum(p, deltas: Sequence[Thresholded]) -> torch.Tensor:
+    """Σ p_i δ_i as one product of the stacked factors [p_i U_i s_i] and [Vh_i]."""
+    left = torch.cat([pi * d.U * d.s for pi, d in zip(p, deltas)], dim=1)
+    return left @ torch.cat([d.Vh for d in deltas], dim=0)
 
 
 def _probabilities(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -213,7 +251,7 @@ def lore_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None 
     thetas = [t.to(work).reshape(shape[0], -1) for t in tensors]
     dec = lore_decompose(thetas, tau=tau, energy=energy, iterations=iterations, tol=tol, weights=weights)
     if rule == "average":
-        merged = sum(pi * d.dense() for pi, d in zip(p, dec.deltas))
+        merged = _weighted_sum(p, dec.deltas)
     else:  # ties: the shared TIES on the weighted stack w_i δ_i: trim, elect sign, disjoint mean
         merged = ties(torch.stack([w * d.dense() for w, d in zip(weights, dec.deltas)]), density)
     return (dec.base + lambda_ * merged).reshape(shape).to(dtype)
