@@ -169,3 +169,32 @@ def test_tucker2_recovers_an_exact_multilinear_rank():
     torch.testing.assert_close(U0 @ U0.T, P @ P.T, rtol=0, atol=1e-12)
     torch.testing.assert_close(U1 @ U1.T, Q @ Q.T, rtol=0, atol=1e-12)
     torch.testing.assert_close(U0.T @ U0, torch.eye(3, dtype=D), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_selection_is_kthvalue(dtype):
+    """kth_smallest (one histogram pass over the bit patterns) returns torch.kthvalue's element, ties and zeros too."""
+    from lowrank_methods.core.rules import kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300_000, generator=g, dtype=dtype).abs()
+    a[:50_000] = 0.0
+    a[50_000:60_000] = 0.5  # a run of equal values
+    for k in (1, 50_000, 50_001, 55_000, 60_001, 299_999, 300_000):
+        assert torch.equal(kth_smallest(a, k), torch.kthvalue(a, k).values)
+
+
+def test_ties_in_cache_sized_blocks_is_the_whole_tensor_computation():
+    """TIES over blocks of entries (rules.per_entry) gives exactly what the whole-tensor formulas give."""
+    from lowrank_methods.core.rules import ties
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(8, 64, 3000, generator=g) * torch.rand(8, 1, 1, generator=g)
+    flat = X.abs().flatten(1)
+    keep = int(0.2 * flat.shape[1])
+    thr = torch.kthvalue(flat, flat.shape[1] - keep + 1, dim=1).values.reshape(-1, 1, 1)
+    T = X * (X.abs() >= thr)
+    sign = T.sign()
+    majority = torch.where(T.sum(0) >= 0, 1.0, -1.0)
+    agree = sign == majority
+    assert torch.equal(ties(X, 0.2), (T * agree).sum(0) / agree.sum(0).clamp(min=1))

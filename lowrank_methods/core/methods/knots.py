@@ -24,8 +24,9 @@ class KnotsParams(RuleParams):
     scale_by_sigma: bool = True  # merge Σ V_tᵀ (KnOTS repo) rather than V_tᵀ (Core Space repo's KnOTS)
 
 
-def aligned_components(factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (m×k), Σ (k), stack of V_tᵀ (T, k, n) with Σ_t U diag(Σ) V_tᵀ = Σ_t B_t A_t, k = numerical rank."""
+def aligned_components(factors, scale_by_sigma: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m×k), Σ (k), stack of V_tᵀ (T, k, n) with Σ_t U diag(Σ) V_tᵀ = Σ_t B_t A_t, k = numerical rank
+    (``scale_by_sigma``: the stack of Σ V_tᵀ instead, scaled on the small side before the lift)."""
     B = torch.cat([f.B for f in factors], 1)
     Qb, Rb = torch.linalg.qr(B)
     QRs = [torch.linalg.qr(f.A.T) for f in factors]  # A_tᵀ = Q_t R_t
@@ -34,7 +35,11 @@ def aligned_components(factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     k = numerical_rank(s, (B.shape[0], sum(f.shape[1] for f in factors)))
     u, s, vh = u[:, :k], s[:k], vh[:k]
     blocks = torch.split(vh, [Q.shape[1] for Q, _ in QRs], dim=1)
-    V = torch.stack([blk @ Q.T for blk, (Q, _) in zip(blocks, QRs)])
+    V = vh.new_empty(len(QRs), k, QRs[0][0].shape[0])
+    for t, (blk, (Q, _)) in enumerate(zip(blocks, QRs)):
+        torch.matmul(blk, Q.T, out=V[t])
+    if scale_by_sigma:
+        V *= s[:, None]  # after the lift, in place: the products of KnOTS' definition, entry for entry
     return Qb @ u, s, V
 
 
@@ -47,10 +52,8 @@ PAPER = Paper("stoica2025knots", "Model merging with SVD to tie the KnOTS", "Sto
 @over_present_tasks
 def knots(factors, weights, params: KnotsParams, ctx) -> ModuleResult:
     """One SVD of the concatenated updates gives a shared U; a rule merges the per-task V's (per module)."""
-    U, S, V = aligned_components(weighted(factors, weights))
-    if params.scale_by_sigma:
-        merged, B = apply_rule(S[:, None] * V, params, ctx), U
-    else:
-        merged, B = apply_rule(V, params, ctx), U * S
+    U, S, V = aligned_components(weighted(factors, weights), params.scale_by_sigma)
+    merged = apply_rule(V, params, ctx)  # of Σ V_tᵀ (scale_by_sigma) or of V_tᵀ
+    B = U if params.scale_by_sigma else U * S
     out, stats = truncate(svd_of_product(params.lambda_ * B, merged), params.rank, factors[0].shape)
     return ModuleResult(out, stats)

@@ -1,0 +1,87 @@
+"""``--executor ray``: modules merged by Ray workers (this machine's, or a cluster's), streamed back in plan order.
+
+The driver does what the local executor's reader does — reads each module's stored factors and converts them
+(scales folded, NaN refused) — and sends them with the recipe's text to a Ray task. A worker parses the recipe once,
+merges the module with ONE intra-op thread (as every local worker does, ``threads.py``) and returns the
+``ModuleResult``; the driver hands results to the one writer strictly in plan order, with at most ``window``
+modules in flight, so memory stays a few modules on either side. Same code, same single-threaded kernels: the
+output is byte-identical to the local executor's (on workers of the same CPU type and torch build).
+
+``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` (``ray start --head`` / ``ray start --address …`` on the
+nodes; every node needs this package installed), else starts a local one with ``threads`` CPUs, shut down after.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import deque
+from typing import Callable, Iterator
+
+import torch
+
+from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.types import ModuleResult
+
+EXECUTORS = ("local", "ray")
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError as e:
+        raise MergeError("--executor ray needs Ray: pip install 'mergekit-lowrank[ray]'") from e
+    return ray
+
+
+@functools.lru_cache(maxsize=4)
+def _recipe(text: str):
+    from lowrank_methods.pipeline.recipe import parse_recipe
+
+    return parse_recipe(text)
+
+
+def merge_task(text: str, module: str, t: float, factors: list, weights: list[float]) -> ModuleResult:
+    """What a Ray worker runs: one module of the recipe ``text``, on the CPU with one intra-op thread."""
+    from lowrank_methods.pipeline.engine import _merge_module
+
+    torch.set_num_threads(1)
+    recipe = _recipe(text)
+    return _merge_module(recipe, module, factors, weights, recipe.params_for(module, t))
+
+
+def ray_merged(modules: list[str], prepare: Callable[[str], tuple], text: str, workers: int
+               ) -> Iterator[tuple[str, ModuleResult]]:
+    """Yield (module, result) in the order of ``modules``; ``prepare(module)`` gives (t, factors, weights) on the
+    driver. At most 2 × ``workers`` modules are in flight; an error is raised when its module's turn comes."""
+    ray = ray_module()
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(**({} if address else {"num_cpus": workers}), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    remote = ray.remote(num_cpus=1)(merge_task)
+    window: deque = deque()
+    try:
+        for module in modules:
+            window.append((module, remote.remote(text, module, *prepare(module))))
+            if len(window) > 2 * workers:
+                yield _result(ray, *window.popleft())
+        while window:
+            yield _result(ray, *window.popleft())
+    finally:
+        for _, ref in window:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+
+
+def _result(ray, module: str, ref) -> tuple[str, ModuleResult]:
+    """The task's result, or the error it raised as itself (a MergeError stays one line)."""
+    try:
+        return module, ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise MergeError(f"a Ray worker failed: {str(e).splitlines()[0]}", module=module) from e
