@@ -82,12 +82,15 @@ def main():
 @click.option("--for", "serve_for", type=click.Choice(ENGINES), default=None,
               help="store the adapter so this engine serves it exactly: one rank, scale 1 (llama.cpp: + adapter.gguf); "
                    "the recipe's serve_for otherwise")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="where modules are merged: local threads, or Ray workers (RAY_ADDRESS's cluster, else a local one "
+                   "of --threads CPUs); the same output bytes")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None,
               help="upload OUT to this Hub repo once the merge succeeded")
 @hub_options
 @one_line_errors
 def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quiet, threads, out_shard_size, serve_for,
-          push_to_hub, **hub):
+          executor, push_to_hub, **hub):
     """Merge the adapters listed in RECIPE into OUT."""
     from lowrank_methods.pipeline.engine import run_merge
     from lowrank_methods.publish.hub import check_can_push
@@ -106,6 +109,9 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
     if is_full_model_recipe(text):  # lore: full fine-tuned models, planned and written by mergekit
         if serve_for is not None:
             raise MergeError(f"--for {serve_for} stores an adapter; this recipe merges full models into a model")
+        if executor != "local":
+            raise MergeError("--executor ray runs the adapter engine; this recipe merges full models through "
+                             "mergekit's own executor")
         run_full_model_merge(text, out, overwrite=overwrite, device=device, quiet=quiet, write_card=not no_card)
         if not quiet:
             click.echo(f"wrote {out}: full model merged by mergekit")
@@ -115,7 +121,7 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
 
     report = run_merge(parse_recipe(text), out, device=device, precision=precision, overwrite=overwrite,
                        allow_pickle=allow_pickle, quiet=quiet, write_card=not no_card, threads=threads,
-                       out_shard_size=out_shard_size, serve_for=serve_for)
+                       out_shard_size=out_shard_size, serve_for=serve_for, executor=executor)
     if not quiet:
         s = report.summary()
         energy = f", retained energy min {s['retained_energy_min']:.4f} / median {s['retained_energy_median']:.4f}" \

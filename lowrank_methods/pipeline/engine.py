@@ -193,11 +193,13 @@ def run_merge(
     threads: int | None = None,
     out_shard_size: int | str | None = None,
     serve_for: str | None = None,
+    executor: str = "local",
 ) -> MergeReport:
     """Merge the recipe's adapters module by module and write the result atomically to ``out``.
     ``threads``: modules merged at once (default: the cores this process may run on).
     ``out_shard_size``: bytes per weights file of ``output: model`` (int, or "500M", "5B"; default 5B).
-    ``serve_for``: store the adapter for this serving engine (``--for``; the recipe's ``serve_for`` otherwise)."""
+    ``serve_for``: store the adapter for this serving engine (``--for``; the recipe's ``serve_for`` otherwise).
+    ``executor``: ``local`` (threads) or ``ray`` (Ray workers, ``pipeline/ray_executor.py``; same output bytes)."""
     from lowrank_methods.pipeline.staging import StagedOutput
     from lowrank_methods.pipeline.threads import check_threads
 
@@ -205,17 +207,29 @@ def run_merge(
     start = time.perf_counter()
     dev = resolve_device(device)
     threads = check_threads(threads)
+    check_executor(executor, dev)
     with StagedOutput(out, overwrite=overwrite, inputs=recipe.local_inputs()) as stage:
         ready = prepare(recipe, allow_pickle=allow_pickle, scratch=stage.scratch)
         report = merge_into(ready, stage, dev=dev, compute_dtype=DTYPES[precision], quiet=quiet, write_card=write_card,
-                            start=start, threads=threads,
+                            start=start, threads=threads, executor=executor,
                             writer_options={"shard_size": out_shard_size} if out_shard_size is not None else None)
         stage.commit()
     return report
 
 
+def check_executor(executor: str, dev: torch.device) -> None:
+    from lowrank_methods.pipeline.ray_executor import EXECUTORS, ray_module
+
+    if executor not in EXECUTORS:
+        raise MergeError(f"unknown executor {executor!r}; use {' or '.join(EXECUTORS)}")
+    if executor == "ray":
+        if dev.type != "cpu":
+            raise MergeError("--executor ray merges on the Ray workers' CPUs; drop --device or --executor")
+        ray_module()  # installed, or one line saying how
+
+
 def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torch.dtype, quiet: bool,
-               write_card: bool, start: float, threads: int | None = None,
+               write_card: bool, start: float, threads: int | None = None, executor: str = "local",
                writer_options: dict | None = None) -> MergeReport:
     """The streaming loop: every module merged (``threads`` at once on the CPU) and handed to the writer in plan
     order, which writes into ``stage.path``."""
@@ -246,9 +260,20 @@ def merge_into(ready: Prepared, stage, *, dev: torch.device, compute_dtype: torc
             return _merge_module(recipe, module, [f.to(on) for f in factors], recipe.weights_for(module, t),
                                  recipe.params_for(module, t))
 
+    if executor == "ray":
+        from lowrank_methods.pipeline.ray_executor import ray_merged
+
+        read = _module_reader(sources)
+
+        def prepare_module(module: str) -> tuple:  # on the driver: read and convert, as the local reader does
+            t = plan.t(module)
+            return t, _to_factors(sources, plan, module, read(module), compute_dtype), recipe.weights_for(module, t)
+
+        merging = ray_merged(plan.modules, prepare_module, _merge_module, recipe.text, use.workers)
+    else:
+        merging = _merged(plan.modules, _module_reader(sources), compute, use.workers)
     try:
-        with intra_op_threads(use.intra_op), closing(_merged(plan.modules, _module_reader(sources), compute,
-                                                             use.workers)) as merged:
+        with intra_op_threads(use.intra_op), closing(merging) as merged:
             results = tqdm(merged, total=len(plan.modules), desc="merging modules", unit="module", disable=quiet)
             if recipe.rank_budget is not None:  # every module's result is needed before any rank is chosen
                 results = within_budget(list(results), recipe.rank_budget)

@@ -8,13 +8,16 @@ modules in flight, so memory stays a few modules on either side. Same code, same
 output is byte-identical to the local executor's (on workers of the same CPU type and torch build).
 
 ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` (``ray start --head`` / ``ray start --address …`` on the
-nodes; every node needs this package installed), else starts a local one with ``threads`` CPUs, shut down after.
+nodes; every node needs this package installed), else starts a local one with ``threads`` CPUs (its session files in a temporary directory), shut down and
+removed after.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 from collections import deque
 from typing import Callable, Iterator
 
@@ -41,30 +44,33 @@ def _recipe(text: str):
     return parse_recipe(text)
 
 
-def merge_task(text: str, module: str, t: float, factors: list, weights: list[float]) -> ModuleResult:
-    """What a Ray worker runs: one module of the recipe ``text``, on the CPU with one intra-op thread."""
-    from lowrank_methods.pipeline.engine import _merge_module
-
+def merge_task(merge: Callable, text: str, module: str, t: float, factors: list, weights: list[float]) -> ModuleResult:
+    """What a Ray worker runs: ``merge`` (the engine's per-module merge) on one module of the recipe ``text``, on
+    the CPU with one intra-op thread."""
     torch.set_num_threads(1)
     recipe = _recipe(text)
-    return _merge_module(recipe, module, factors, weights, recipe.params_for(module, t))
+    return merge(recipe, module, factors, weights, recipe.params_for(module, t))
 
 
-def ray_merged(modules: list[str], prepare: Callable[[str], tuple], text: str, workers: int
+def ray_merged(modules: list[str], prepare: Callable[[str], tuple], merge: Callable, text: str, workers: int
                ) -> Iterator[tuple[str, ModuleResult]]:
     """Yield (module, result) in the order of ``modules``; ``prepare(module)`` gives (t, factors, weights) on the
-    driver. At most 2 × ``workers`` modules are in flight; an error is raised when its module's turn comes."""
+    driver, ``merge`` is the engine's per-module merge (sent by reference). At most 2 × ``workers`` modules are in
+    flight; an error is raised when its module's turn comes."""
     ray = ray_module()
     started = not ray.is_initialized()
+    session = None
     if started:
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(**({} if address else {"num_cpus": workers}), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        if not address:  # a local cluster keeps its sockets and logs here, removed after (short: socket paths)
+            session = tempfile.mkdtemp(prefix="mkl-ray-")
+        ray.init(**({} if address else {"num_cpus": workers, "_temp_dir": session}), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     remote = ray.remote(num_cpus=1)(merge_task)
     window: deque = deque()
     try:
         for module in modules:
-            window.append((module, remote.remote(text, module, *prepare(module))))
+            window.append((module, remote.remote(merge, text, module, *prepare(module))))
             if len(window) > 2 * workers:
                 yield _result(ray, *window.popleft())
         while window:
@@ -74,6 +80,8 @@ def ray_merged(modules: list[str], prepare: Callable[[str], tuple], text: str, w
             ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
+        if session:
+            shutil.rmtree(session, ignore_errors=True)
 
 
 def _result(ray, module: str, ref) -> tuple[str, ModuleResult]:
