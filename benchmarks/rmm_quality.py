@@ -26,15 +26,16 @@ from benchmarks.docs import write_section
 
 
 
-def rmm_bundle(adapter_dirs: list[Path], p: int, out: Path, dtype: str, gauge: str = "balanced"):
-    """Merge the adapters with rmm at ``p`` through the engine; returns the loaded bundle."""
+def rmm_bundle(adapter_dirs: list[Path], p: int, out: Path, dtype: str, gauge: str = "balanced",
+               form: str = "positions"):
+    """Merge the adapters with rmm at ``p`` (in ``form``) through the engine; returns the loaded bundle."""
     import yaml
 
     from lowrank_methods.formats.bundle import ReversibleBundle
     from lowrank_methods.pipeline.engine import run_merge
     from lowrank_methods.pipeline.recipe import parse_recipe
 
-    recipe = {"merge_method": "rmm", "models": [{"model": str(d)} for d in adapter_dirs], "parameters": {"p": p, "gauge": gauge},
+    recipe = {"merge_method": "rmm", "models": [{"model": str(d)} for d in adapter_dirs], "parameters": {"p": p, "gauge": gauge, "form": form},
               "dtype": dtype}
     run_merge(parse_recipe(yaml.safe_dump(recipe)), out, quiet=True, write_card=False)
     return ReversibleBundle.load(out)
@@ -61,9 +62,10 @@ def run(evaluator, dirs: list[Path], ps: list[int], set_name: str = "main", gaug
              "worst": min(acc[t] / individual[t] for t in names), "error": None}]
     log(f"plain average: {rows[-1]['normalized']:.3f}")
     with tempfile.TemporaryDirectory() as scratch:
-        for gauge, p in [(g, p) for g in gauges for p in [0, *ps]]:
+        runs = [(g, p, "positions") for g in gauges for p in [0, *ps]] + [("balanced", p, "shared") for p in ps]
+        for gauge, p, form in runs:
             start = time.perf_counter()
-            bundle = rmm_bundle(dirs, p, Path(scratch) / f"{gauge}-p{p}", stored_dtype, gauge)
+            bundle = rmm_bundle(dirs, p, Path(scratch) / f"{form}-{gauge}-p{p}", stored_dtype, gauge, form)
             seconds = time.perf_counter() - start
             normalized, errors = {}, []
             for t, task in zip(names, bundle.tasks):  # bundle tasks are in recipe order: one adapter per task
@@ -72,6 +74,8 @@ def run(evaluator, dirs: list[Path], ps: list[int], set_name: str = "main", gaug
                 errors.append(_relative_error(rebuilt, own[t]))  # of the stored bundle, rounding included
             s = bundle.manifest["storage"]
             label = f"rmm p={p}, {gauge} gauge" + (" (mean of factors)" if p == 0 else " (exact)" if p == len(names) - 1 else "")
+            if form == "shared":
+                label = f"rmm form: shared, in the storage of p={p} (one Tucker-2 subspace per module)"
             rows.append({"label": label, "p": p, "gauge": gauge, "ratio": s["ratio"], "ratio_bytes": s["ratio_bytes"],
                          "normalized": _mean(normalized.values()), "worst": min(normalized.values()),
                          "error": _mean(errors), "per_task": normalized, "seconds": seconds})

@@ -226,3 +226,60 @@ def test_write_adapter_never_writes_into_a_directory_with_files(tmp_path):
     with pytest.raises(OutputExistsError, match="not empty"):
         ReversibleBundle.load(tmp_path / "bundle").write_adapter("a", mine)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+# -- form: shared (one Tucker-2 subspace per module) -------------------------------------------------------------
+def test_shared_form_is_exact_when_its_subspace_holds_every_task(tmp_path, mixed):
+    """Where the storage of p = T−1 lets the shared rank K reach the whole core space (min(m, n, Σ ranks)), every
+    task comes back exactly (mixed ranks, rsLoRA, patterns, an embedding, modules only some adapters have), at its
+    own rank."""
+    bundle, report = bundle_of(tmp_path, mixed, p=3, form="shared")
+    modules = bundle.manifest["modules"]
+    assert {m["form"] for m in modules.values()} == {"shared"}
+    full = [mod for mod, info in modules.items() if info["K"] == min(*info["layout"]["shape"], sum(info["ranks"]))]
+    # down_proj (task c lacks it, b's rank and alpha come from patterns): K = 11 = Σ ranks. The others' storage is
+    # smaller than their full core space (q_proj would need K = 16 and allows 14; v_proj and the embedding, held by
+    # two adapters and one, get p = 1 and p = 0)
+    assert full == [D0]
+    for path in mixed:
+        factors = bundle.adapter(path.name)
+        for module in full:
+            if merged_delta(path, module) is None:
+                assert module not in factors
+                continue
+            assert rel(factors[module].dense(), dense_delta(path, module)) <= 1e-10, (path.name, module)
+            assert factors[module].rank == modules[module]["ranks"][bundle.task_index(path.name)]
+    assert report.modules[D0]["retained_energy"] == pytest.approx(1.0)
+
+
+def test_shared_form_projects_every_task_on_two_shared_bases(tmp_path, same_rank):
+    """Below the full rank: P and Q have orthonormal columns, task t comes back as P Pᵀ ΔW_t Q Qᵀ (the dense
+    projection, float64), its rank is at most the task's, and it stores no more than form positions at that p."""
+    bundle, report = bundle_of(tmp_path, same_rank, p=1, form="shared")
+    positions, _ = bundle_of(tmp_path, same_rank, name="positions", p=1)
+    assert bundle.manifest["storage"]["stored_numbers"] <= positions.manifest["storage"]["stored_numbers"]
+    for module, info in bundle.manifest["modules"].items():
+        t = bundle._module_tensors(module)
+        P, Qt, K = t["shared_B"], t["shared_A"], info["K"]
+        m, n = info["layout"]["shape"]
+        assert 1 <= K < min(m, n) and info["stored_numbers"] == (m + n) * K + len(same_rank) * K * K
+        torch.testing.assert_close(P.T @ P, torch.eye(K, dtype=F64), atol=1e-10, rtol=0)
+        torch.testing.assert_close(Qt @ Qt.T, torch.eye(K, dtype=F64), atol=1e-10, rtol=0)
+        for path in same_rank:
+            ref = dense_delta(path, module)
+            got = bundle.adapter(path.name)[module]
+            assert got.rank <= 4
+            torch.testing.assert_close(got.dense(), P @ P.T @ ref @ Qt.T @ Qt, atol=1e-10 * float(ref.norm()), rtol=0)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: m["modules"][Q0].update(K=m["modules"][Q0]["K"] + 1), "tensor shared_B is shape"),
+    (lambda m: m["modules"][Q0].pop("form"), "tensor basis_B is missing"),
+    (lambda m: m["modules"][Q0].update(K=0), "reversible.json is malformed"),
+])
+def test_refuses_a_corrupted_shared_bundle(tmp_path, same_rank, damage, message):
+    bundle_of(tmp_path, same_rank, p=1, form="shared")
+    _edit_manifest(tmp_path / "out", damage)
+    result = CliRunner().invoke(main, ["reconstruct", str(tmp_path / "out"), "t0", str(tmp_path / "t0-back")])
+    assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "t0-back").exists()

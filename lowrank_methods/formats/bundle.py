@@ -8,7 +8,9 @@ A bundle directory holds::
                          storage figures, and the sha256 of bundle.safetensors
     merge_report.json, README.md
 
-Task t of a module is ``x̂_t = mean + basis @ coeffs[:, t]`` at each position, trimmed to the task's own rank.
+Task t of a module is ``x̂_t = mean + basis @ coeffs[:, t]`` at each position, trimmed to the task's own rank; in
+``form: shared`` a module holds shared_B (m, K), shared_A (K, n) and cores (T, K, K) instead, and task t is
+shared_B @ cores[t] @ shared_A (at the task's rank).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowrank_methods.core.errors import BundleError, CorruptAdapterError, OutputExistsError, one_line, short
-from lowrank_methods.core.methods.rmm import PARTS, task_factors
+from lowrank_methods.core.methods.rmm import PARTS, SHARED, task_factors
 from lowrank_methods.core.types import LoraFactors, ModuleResult
 from lowrank_methods.formats.peft import (LORA_PARTS, AdapterWriter, ModuleLayout, live_loras, saved_module,
                                           tensor_key)
@@ -36,7 +38,8 @@ TENSORS_FILE = "bundle.safetensors"
 MANIFEST = "reversible.json"
 FORMAT = "mergekit-lowrank/reversible-bundle"
 VERSION = 1
-KEYS = tuple(f"{kind}_{part}" for part in PARTS for kind in ("mean", "basis", "coeffs"))
+POSITION_KEYS = tuple(f"{kind}_{part}" for part in PARTS for kind in ("mean", "basis", "coeffs"))
+KEYS = POSITION_KEYS + SHARED  # form positions, then form shared (shared_B (m, K), shared_A (K, n), cores (T, K, K))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest holds a few numbers per module and task: far below this
@@ -61,8 +64,8 @@ class BundleWriter:
         self.extras: list[str] = []
 
     def add(self, module: str, layout: ModuleLayout, result: ModuleResult) -> None:
-        missing = {f"basis_{p}" for p in PARTS} | {f"coeffs_{p}" for p in PARTS} | {"ranks"}
-        if not missing <= result.tensors.keys():
+        positions = {f"basis_{p}" for p in PARTS} | {f"coeffs_{p}" for p in PARTS} | {"ranks"}
+        if not (positions <= result.tensors.keys() or {*SHARED, "ranks"} <= result.tensors.keys()):
             raise BundleError(f"the method returned no reversible tensors for {module}; only rmm writes a bundle")
         for key in KEYS:
             if key in result.tensors:
@@ -72,6 +75,7 @@ class BundleWriter:
         self.modules[module] = {
             "layout": asdict(layout), "ranks": [int(k) for k in result.tensors["ranks"]], "p": int(s["p"]),
             "r": int(s["rank"]), "center": "mean_B" in result.tensors,
+            **({"form": "shared", "K": int(s["K"])} if "cores" in result.tensors else {}),
             "errors": [s[f"error_{t}"] for t in range(T)], "norms": [s[f"norm_{t}"] for t in range(T)],
             "stored_numbers": int(s["stored"]), "input_numbers": int(s["original"]),
         }
@@ -91,6 +95,7 @@ class BundleWriter:
         T, r = len(self.tasks), max((m["r"] for m in modules.values()), default=0)
         p = max((m["p"] for m in modules.values()), default=0)
         center = any(m["center"] for m in modules.values())
+        shared = any(m.get("form") == "shared" for m in modules.values())
         manifest = {
             "format": FORMAT, "version": VERSION, "method": "rmm", "base_model": config.get("base_model_name_or_path"),
             "dtype": DTYPE_NAMES[self.dtype], "p": p, "center": center,
@@ -100,8 +105,8 @@ class BundleWriter:
             "storage": {
                 "bundle_bytes": len(data), "inputs_bytes": input_bytes, "ratio_bytes": len(data) / max(input_bytes, 1),
                 "stored_numbers": stored, "input_numbers": inputs, "ratio": stored / max(inputs, 1),
-                "paper_formula": "(p(r+T)+r)/(rT)" if center else "p(r+T)/(rT)",
-                "paper_ratio": paper_ratio(p, r, T, center) if r else None,
+                "paper_formula": "(m+n)K+TK² per module" if shared else "(p(r+T)+r)/(rT)" if center else "p(r+T)/(rT)",
+                "paper_ratio": paper_ratio(p, r, T, center) if r and not shared else None,
             },
             "modules": modules,
         }
@@ -158,9 +163,13 @@ class ModuleSpec(_Strict):
     norms: list[FiniteFloat]
     stored_numbers: Count
     input_numbers: Count
+    form: Literal["positions", "shared"] = "positions"
+    K: Count = 0  # form shared: the rank of the module's shared subspace
 
     @model_validator(mode="after")
     def _ranks_fit(self):
+        if self.form == "shared" and self.K < 1:
+            raise ValueError(f"form shared needs K >= 1, got {short(self.K)}")
         for i, k in enumerate(self.ranks):
             if k > self.r:
                 raise ValueError(f"ranks[{i}]={short(k)} is larger than r={short(self.r)}")
@@ -473,9 +482,13 @@ class ReversibleBundle:
             if len(info["ranks"]) != T or any(not 0 <= k <= r for k in info["ranks"]):
                 raise _error(f"bundle {self.path}: ranks {short(info['ranks'])} do not fit {T} tasks of rank <= {r}; the "
                              "bundle is corrupt", module=module)
-            expected = {"basis_B": (m, r, p), "coeffs_B": (m, T, p), "basis_A": (n, r, p), "coeffs_A": (n, T, p)}
-            if info["center"]:
-                expected |= {"mean_B": (m, r), "mean_A": (n, r)}
+            if info.get("form") == "shared":
+                K = info["K"]
+                expected = {"shared_B": (m, K), "shared_A": (K, n), "cores": (T, K, K)}
+            else:
+                expected = {"basis_B": (m, r, p), "coeffs_B": (m, T, p), "basis_A": (n, r, p), "coeffs_A": (n, T, p)}
+                if info["center"]:
+                    expected |= {"mean_B": (m, r), "mean_A": (n, r)}
             for key, shape in expected.items():
                 got = self.tensors.get(f"{module}.{key}")
                 if got is None or tuple(got.shape) != shape:
@@ -490,7 +503,8 @@ class ReversibleBundle:
             for key in KEYS:
                 if key not in expected and f"{module}.{key}" in self.tensors:
                     raise _error(f"bundle {self.path}: tensor {key} is present but {MANIFEST} says the module is not "
-                                 "centred; the bundle is corrupt", module=module)
+                                 f"{'of form positions' if key in SHARED or info.get('form') == 'shared' else 'centred'}"
+                                 "; the bundle is corrupt", module=module)
         outputs = {tensor_key(m, part) for m in self.manifest["modules"] for part in LORA_PARTS}
         for task in self.manifest["tasks"]:
             for key in task.get("extra_keys", []):
@@ -582,7 +596,10 @@ def summary_table(path: str | Path) -> str:
         lines.append(f"{t['name']:{width}s}  {t['error']:27.3e}  {worst:.3e}")
     center = "centred" if manifest["center"] else "uncentred"
     paper = f", paper formula {s['paper_formula']} = {s['paper_ratio']:.4f}" if s.get("paper_ratio") is not None else ""
-    lines.append(f"p={manifest['p']} ({center}): stores {s['ratio']:.4f} of the inputs' numbers{paper}; "
+    shared = [m["K"] for m in manifest["modules"].values() if m.get("form") == "shared"]
+    form = f"shared subspaces K={min(shared)}..{max(shared)} in the storage of p={manifest['p']}" if shared else \
+        f"p={manifest['p']} ({center})"
+    lines.append(f"{form}: stores {s['ratio']:.4f} of the inputs' numbers{paper}; "
                  f"{s['bundle_bytes']:,} bytes on disk vs {s['inputs_bytes']:,} for the adapters ({s['ratio_bytes']:.4f})")
     if manifest.get("dtype") in ("float16", "bfloat16"):
         lines.append(f"(errors are measured at compute precision, before the bundle is rounded to {manifest['dtype']})")

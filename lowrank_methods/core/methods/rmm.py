@@ -4,6 +4,9 @@ Per module, each task's ΔW_t = B_t A_t is put in a fixed gauge (SVD-balanced B 
 *position* (a row of B, a column of A) gives one r-vector x_t per task. Per position the T vectors are stored as
 mean μ + top-p principal directions U (r×p) + coefficients c_t = Uᵀ(x_t − μ); task t comes back as μ + U c_t.
 Exact for p = T−1 (centred) or p = T (uncentred); p = 0 is factor averaging. See docs/methods/rmm.md.
+``form: shared`` spends the same storage on ONE subspace per module instead: bases P (m×K), Qᵀ (K×n) from the
+Tucker-2 of the norm-equalised tasks (as ctm fits its subspaces) and a K×K core C_t per task, ΔŴ_t = P C_t Qᵀ, with
+the largest K whose (m+n)·K + T·K² fits the storage of ``form: positions`` at this p.
 Handed dense tensors through mergekit's generic API (``merge_state_dicts``), which has no place for a bundle, it
 returns the weighted average Σ w_t θ_t / Σ w_t (mergekit_plugin/dense.py).
 """
@@ -17,7 +20,7 @@ from pydantic import Field
 
 from lowrank_methods.core.errors import RecipeError
 from lowrank_methods.core.types import LoraFactors
-from lowrank_methods.core.linalg import svd_of_product
+from lowrank_methods.core.linalg import factored_core_space, svd_of_product, tucker2
 from lowrank_methods.core.method import Paper, method
 from lowrank_methods.core.params import MethodParams
 from lowrank_methods.core.types import ModuleResult
@@ -31,6 +34,9 @@ class RmmParams(MethodParams):
     gauge: Literal["balanced", "raw"] = Field("balanced", description="balanced: SVD-balanced factors of each ΔW_t; "
                                               "raw: the adapters' own factors (scale folded into B)")
     svd_rank: int = Field(16, ge=1, description="rank r of the truncated SVD of full fine-tuned models (PT-SVD inputs)")
+    form: Literal["positions", "shared"] = Field("positions", description="positions: a PCA per row of B / column of "
+                                                 "A (the paper); shared: one Tucker-2 subspace per module in the "
+                                                 "same storage (far more accurate, docs/methods/rmm.md)")
 
 
 def balanced_factors(f: LoraFactors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +79,17 @@ def reconstruct_positions(mean: torch.Tensor, basis: torch.Tensor, coeffs: torch
     return mean + (basis @ coeffs[:, t, :, None]).squeeze(-1)
 
 
+SHARED = ("shared_B", "shared_A", "cores")  # form shared: P (m, K), Qᵀ (K, n), the tasks' cores (T, K, K)
+
+
 def task_factors(tensors: dict[str, torch.Tensor], t: int, rank: int) -> LoraFactors:
-    """Task t's factors from one module's bundle tensors, trimmed to its own rank (dropping the zero padding)."""
+    """Task t's factors from one module's bundle tensors, trimmed to its own rank (dropping the zero padding; in
+    the shared form P C_t Qᵀ, whose rank is at most the task's: C_t = U0ᵀ M_t U1 with M_t of that rank)."""
+    if "cores" in tensors:
+        P, Qt, C = tensors["shared_B"], tensors["shared_A"], tensors["cores"][t]
+        u, s, vh = torch.linalg.svd(C)
+        k = min(rank, s.numel())
+        return LoraFactors((vh[:k] @ Qt).contiguous(), ((P @ u[:, :k]) * s[:k]).contiguous())
     B, A = (_positions(tensors, part, t) for part in PARTS)
     return LoraFactors(A[:, :rank].T.contiguous(), B[:, :rank].contiguous())
 
@@ -122,6 +137,8 @@ def rmm(factors, weights, params: RmmParams, ctx) -> ModuleResult:
     p = min(params.p, r, max(int(present.sum()) - int(params.center), 0))
 
     dtype, device = factors[0].A.dtype, factors[0].A.device
+    if params.form == "shared":
+        return _shared_subspace(factors, w, p, params.center, ranks, dtype)
     gauge = balanced_factors if params.gauge == "balanced" else raw_factors
     pairs = [gauge(f, r) for f in factors]
     X = torch.cat([torch.stack([B for B, _ in pairs], 1), torch.stack([A.T for _, A in pairs], 1)])  # (m+n, T, r)
@@ -148,6 +165,42 @@ def rmm(factors, weights, params: RmmParams, ctx) -> ModuleResult:
         total += float(Bt.square().sum() + At.square().sum())
     stats["retained_energy"] = 1.0 - resid / total if total > 0 else 1.0
     stats["stored"] = (m + n) * (p * r + p * T + (r if params.center else 0))
+    stats["original"] = (m + n) * sum(ranks)
+    return ModuleResult(None, stats, {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+
+
+def shared_rank(m: int, n: int, T: int, budget: int, limit: int) -> int:
+    """The largest K ≤ ``limit`` with (m+n)·K + T·K² ≤ ``budget`` (at least 1)."""
+    K = 1
+    while K < limit and (m + n) * (K + 1) + T * (K + 1) ** 2 <= budget:
+        K += 1
+    return K
+
+
+def _shared_subspace(factors, w: torch.Tensor, p: int, center: bool, ranks: list[int], dtype) -> ModuleResult:
+    """``form: shared``: P, Qᵀ from the Tucker-2 of √w_t M_t/‖M_t‖ (Core-Space coordinates, as ctm), C_t = U0ᵀ M_t U1."""
+    T = len(factors)
+    m, n = factors[0].shape
+    r = max(ranks)
+    Qb, core, QaT = factored_core_space(factors)
+    M = torch.stack(core.cores)
+    norms = M.flatten(1).norm(dim=1)
+    gain = (w.to(M.dtype).sqrt() / norms.where(norms > 0, torch.ones_like(norms))).where(norms > 0, torch.zeros_like(norms))
+    budget = (m + n) * (p * r + p * T + (r if center else 0))
+    K = shared_rank(m, n, T, budget, min(M.shape[1], M.shape[2]))
+    U0, U1 = tucker2(M * gain[:, None, None], K)  # K ≤ both core dimensions: U0, U1 have K columns each
+    C = U0.T @ M @ U1
+    tensors = {"shared_B": Qb @ (core.U @ U0), "shared_A": (U1.T @ core.V) @ QaT, "cores": C,
+               "ranks": torch.tensor(ranks, dtype=torch.int64)}
+    stats = {"rank": r, "p": p, "K": K}
+    for t, f in enumerate(factors):
+        g = task_factors(tensors, t, ranks[t])
+        norm = delta_norm(f.B, f.A)
+        stats[f"error_{t}"] = delta_norm(torch.cat([g.B, -f.B], 1), torch.cat([g.A, f.A], 0)) / norm if norm > 0 else 0.0
+        stats[f"norm_{t}"] = norm
+    total = float(M.square().sum())
+    stats["retained_energy"] = float(C.square().sum()) / total if total > 0 else 1.0
+    stats["stored"] = (m + n) * K + T * K * K
     stats["original"] = (m + n) * sum(ranks)
     return ModuleResult(None, stats, {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
 
