@@ -13,6 +13,7 @@ import click
 
 from lowrank_methods.core.errors import MergeError, error_line
 from lowrank_methods.formats.serving import ENGINES
+from lowrank_methods.pipeline.ray_executor import EXECUTORS
 from lowrank_methods.pipeline.interrupts import interrupted_line, terminate_as_interrupt
 
 
@@ -82,7 +83,7 @@ def main():
 @click.option("--for", "serve_for", type=click.Choice(ENGINES), default=None,
               help="store the adapter so this engine serves it exactly: one rank, scale 1 (llama.cpp: + adapter.gguf); "
                    "the recipe's serve_for otherwise")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
               help="where modules are merged: local threads, or Ray workers (RAY_ADDRESS's cluster, else a local one "
                    "of --threads CPUs); the same output bytes")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None,
@@ -154,11 +155,12 @@ def validate(target, allow_pickle):
 
     if Path(target).is_dir():
         from lowrank_methods.pipeline.serving import adapter_verdicts
+        from lowrank_methods.publish.card import span
 
         source, verdicts = adapter_verdicts(Path(target), allow_pickle=allow_pickle)
-        ranks = sorted({source.rank_alpha(m)[0] for m in source.modules})
-        scales = sorted({round(source.scale(m), 6) for m in source.modules})
-        click.echo(f"ok: LoRA adapter, {len(source.modules)} modules, rank {_span(ranks)}, scale {_span(scales)}")
+        ranks = [source.rank_alpha(m)[0] for m in source.modules]
+        scales = [round(source.scale(m), 6) for m in source.modules]
+        click.echo(f"ok: LoRA adapter, {len(source.modules)} modules, rank {span(ranks)}, scale {span(scales)}")
         for engine, verdict in verdicts.items():
             click.echo(verdict_line(verdict))
         return
@@ -173,10 +175,6 @@ def validate(target, allow_pickle):
         check_factors(ready)
     click.echo(f"ok: {parsed.method.name} over {len(ready.sources)} adapters, {len(ready.plan.modules)} modules, "
                f"base {ready.base or 'unknown'}")
-
-
-def _span(values: list) -> str:
-    return f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g} to {values[-1]:g}"
 
 
 def verdict_line(verdict) -> str:

@@ -306,7 +306,7 @@ def test_validate_tells_which_engines_serve_an_adapter_and_why_not(tmp_path):
     result = CliRunner().invoke(cli, ["validate", str(rs)])
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
-    assert result.output.startswith(f"ok: LoRA adapter, {len(MODULES)} modules, rank 2 to 4")
+    assert result.output.startswith(f"ok: LoRA adapter, {len(MODULES)} modules, rank 2–4")
     assert lines["peft"].split() == ["peft", "yes"]
     assert "vllm       no: vLLM applies one scale lora_alpha/√r = 4" in lines["vllm"]
     assert "modules are not at rank r = 4" in lines["sglang"] and "ignores rank_pattern" in lines["sglang"]
@@ -325,6 +325,14 @@ def test_validate_names_carried_tensors_and_broken_stacking(tmp_path):
     qk = write_adapter(tmp_path / "qk", {m: s for m, s in MODULES.items() if "v_proj" not in m})
     out = CliRunner().invoke(cli, ["validate", str(qk)]).output
     assert "has k_proj, q_proj but not v_proj" in out and "vllm       yes" in out
+    named = write_adapter(tmp_path / "named", MODULES)
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(named / "adapter_model.safetensors"))
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in tensors.items()},
+              str(named / "adapter_model.safetensors"))
+    out = CliRunner().invoke(cli, ["validate", str(named)]).output
+    assert "vllm       no: tensor keys carry an adapter name (e.g. base_model.model." in out and "peft       yes" in out
 
 
 # -- the GGUF export ------------------------------------------------------------------------------------------------

@@ -28,18 +28,12 @@ from lowrank_methods.core.errors import MergeError
 
 ENGINES = ("peft", "vllm", "sglang", "llama.cpp")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (default 16)
-VLLM_DEFAULT_MAX_LORA_RANK = 16
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # SGLang's qkv_proj, gate_up_proj
+QKV = ("q_proj", "k_proj", "v_proj")  # what SGLang stacks into qkv_proj
 SCALE_TOLERANCE = 1e-6  # relative: an engine's scale this close to PEFT's is the same scale
 
 
 class ServingError(MergeError):
     """The adapter cannot be stored so that the engine asked for serves it exactly."""
-
-
-def profile_rank(engine: str, ranks: list[int]) -> int:
-    """The one rank every module of a ``--for engine`` adapter is stored at: the largest (the others are padded)."""
-    return max(ranks)
 
 
 def check_rank(engine: str, rank: int) -> None:
@@ -166,7 +160,7 @@ def _unstackable(modules: list[str]) -> str | None:
     present: dict[str, set[str]] = {}
     for m in modules:
         parent, _, leaf = m.rpartition(".")
-        if leaf in FUSED_GROUPS[0]:
+        if leaf in QKV:
             present.setdefault(parent, set()).add(leaf)
     for parent, leaves in sorted(present.items()):
         if ("q_proj" in leaves) != ("v_proj" in leaves):

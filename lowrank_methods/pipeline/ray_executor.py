@@ -19,12 +19,12 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from lowrank_methods.core.errors import MergeError
-from lowrank_methods.core.types import ModuleResult
+
+if TYPE_CHECKING:
+    from lowrank_methods.core.types import ModuleResult
 
 EXECUTORS = ("local", "ray")
 
@@ -47,6 +47,8 @@ def _recipe(text: str):
 def merge_task(merge: Callable, text: str, module: str, t: float, factors: list, weights: list[float]) -> ModuleResult:
     """What a Ray worker runs: ``merge`` (the engine's per-module merge) on one module of the recipe ``text``, on
     the CPU with one intra-op thread."""
+    import torch
+
     torch.set_num_threads(1)
     recipe = _recipe(text)
     return merge(recipe, module, factors, weights, recipe.params_for(module, t))

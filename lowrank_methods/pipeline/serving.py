@@ -12,7 +12,7 @@ from pathlib import Path
 from lowrank_methods.core.errors import BaseModelError, short
 from lowrank_methods.core.types import ModuleResult
 from lowrank_methods.formats.gguf_lora import GgufBase, GgufExport, export_gguf, read_base
-from lowrank_methods.formats.serving import ENGINES, check_rank, profile_rank
+from lowrank_methods.formats.serving import ENGINES, check_rank
 
 
 def gguf_base(base: str | None) -> GgufBase:
@@ -42,13 +42,13 @@ def export_for_llama_cpp(adapter: Path, base: str, out: Path, *, overwrite: bool
 
 
 def served(results: list[tuple[str, ModuleResult]], engine: str) -> list[tuple[str, ModuleResult]]:
-    """Every module's factors at the profile's one rank (zero-padded: ΔW unchanged), refused above what ``engine``
-    serves. Stats: ``rank`` is the stored rank, ``update_rank`` the rank before padding. Holds every module's
+    """Every module's factors at the profile's one rank, the largest (zero-padded: ΔW unchanged), refused above what
+    ``engine`` serves. Stats: ``rank`` is the stored rank, ``update_rank`` the rank before padding. Holds every module's
     factors (the output adapter's size) until the rank is known."""
     ranks = [r.factors.rank for _, r in results if r.factors is not None and r.factors.rank > 0]
     if not ranks:
         return results
-    rank = profile_rank(engine, ranks)
+    rank = max(ranks)
     check_rank(engine, rank)
     out = []
     for module, result in results:
@@ -84,14 +84,12 @@ def check_servable(ready, engine: str | None) -> GgufBase | None:
 def adapter_verdicts(path: Path, *, allow_pickle: bool = False) -> tuple[object, dict]:
     """(the opened adapter, {engine: formats.serving.Verdict}) for the PEFT adapter directory ``path``."""
     from lowrank_methods.formats.gguf_lora import GGUF_FILE
-    from lowrank_methods.formats.peft import AdapterSource, saved_module
+    from lowrank_methods.formats.peft import LORA_PARTS, AdapterSource, saved_module
     from lowrank_methods.formats.serving import ModuleFacts, verdicts
 
     source = AdapterSource.open(path, allow_pickle=allow_pickle)
     facts = {m: ModuleFacts(source.rank_alpha(m)[0], source.scale(m), source.layout(m).kind) for m in source.modules}
-    named = [k for parts in source.keys.values() for k in parts.values()
-             if not k.removesuffix(".weight").endswith(tuple(p for p in ("lora_A", "lora_B", "lora_embedding_A",
-                                                                           "lora_embedding_B")))]
+    named = [k for parts in source.keys.values() for k in parts.values() if not k.endswith(LORA_PARTS)]
     carried = [saved_module(k) for k in source.extra_keys]
     return source, verdicts(source.config, facts, carried=carried, named_keys=named,
                             has_gguf=(path / GGUF_FILE).is_file())

@@ -233,7 +233,7 @@ def _layer_rows(modules: dict[str, dict]) -> list[tuple]:
     for layer, stats in by_layer(modules).items():
         ranks = [x["rank"] for x in stats if "rank" in x]
         energy = [x["retained_energy"] for x in stats if "retained_energy" in x]
-        rows.append((layer, len(stats), _span(ranks), _num(min(energy) if energy else None),
+        rows.append((layer, len(stats), span(ranks), _num(min(energy) if energy else None),
                      _num(statistics.median(energy) if energy else None)))
     return rows
 
@@ -289,7 +289,8 @@ def _listing(values: list) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def _span(values: list) -> str:
+def span(values: list) -> str:
+    """``4`` or ``4–32``: the range of some numbers, as the card and the CLI print it."""
     if not values:
         return ""
     lo, hi = min(values), max(values)
