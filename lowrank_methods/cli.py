@@ -77,15 +77,16 @@ def main():
 @click.option("--no-card", is_flag=True, help="do not write README.md")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or summary")
 @click.option("--threads", type=int, default=None, metavar="N",
-              help="modules merged at once, one CPU thread each [default: the cores this process may use]")
+              help="modules merged at once, one CPU thread each; over full models: each tensor merge's CPU threads "
+                   "[default: the cores this process may use]")
 @click.option("--out-shard-size", metavar="SIZE", default=None,  # output: model (formats/full_model.py)
               help="output: model: bytes per weights file, e.g. 500M, 5B (mergekit's notation) [default: 5B]")
 @click.option("--for", "serve_for", type=click.Choice(ENGINES), default=None,
               help="store the adapter so this engine serves it exactly: one rank, scale 1 (llama.cpp: + adapter.gguf); "
                    "the recipe's serve_for otherwise")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
-              help="where modules are merged: local threads, or Ray workers (RAY_ADDRESS's cluster, else a local one "
-                   "of --threads CPUs); the same output bytes")
+              help="where modules (over full models: tensors) are merged: here, or on Ray workers (RAY_ADDRESS's "
+                   "cluster, else a local one); the same output bytes")
 @click.option("--push-to-hub", metavar="ORG/NAME", default=None,
               help="upload OUT to this Hub repo once the merge succeeded")
 @hub_options
@@ -107,15 +108,13 @@ def merge(recipe, out, device, precision, overwrite, allow_pickle, no_card, quie
         out_shard_size = parse_shard_size(out_shard_size)
     if push_to_hub:  # a missing token or a bad repo id fails before the merge, not after it
         check_can_push(push_to_hub, revision=hub["revision"], create_pr=hub["create_pr"])
-    if is_full_model_recipe(text):  # lore: full fine-tuned models, planned and written by mergekit
+    if is_full_model_recipe(text):  # lore, dense forms: full fine-tuned models, planned and written by mergekit
         if serve_for is not None:
             raise MergeError(f"--for {serve_for} stores an adapter; this recipe merges full models into a model")
-        if executor != "local":
-            raise MergeError("--executor ray runs the adapter engine; this recipe merges full models through "
-                             "mergekit's own executor")
-        run_full_model_merge(text, out, overwrite=overwrite, device=device, quiet=quiet, write_card=not no_card)
+        run_full_model_merge(text, out, overwrite=overwrite, device=device, quiet=quiet, write_card=not no_card,
+                             threads=threads, executor=executor)
         if not quiet:
-            click.echo(f"wrote {out}: full model merged by mergekit")
+            click.echo(f"wrote {out}: full model merged by mergekit" + (" on Ray workers" if executor == "ray" else ""))
         if push_to_hub:
             push_folder(out, push_to_hub, quiet=quiet, **hub)
         return

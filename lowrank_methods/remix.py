@@ -278,7 +278,8 @@ def run_remix(plan: Remix, out, *, overwrite: bool = False, device: str = "cpu",
     from lowrank_methods.mergekit_plugin.dense_run import is_full_model_recipe, run_full_model_merge
 
     if is_full_model_recipe(plan.recipe):
-        run_full_model_merge(plan.recipe, out, overwrite=overwrite, device=device, quiet=quiet, write_card=True)
+        run_full_model_merge(plan.recipe, out, overwrite=overwrite, device=device, quiet=quiet, write_card=True,
+                             threads=threads)
         return None
     from lowrank_methods.pipeline.engine import run_merge
     from lowrank_methods.pipeline.recipe import parse_recipe

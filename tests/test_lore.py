@@ -190,3 +190,18 @@ def test_bad_parameters_are_one_line_errors():
         lore_merge(thetas, [0, 0, 0], name="w")
     with pytest.raises(MergeError, match="unknown rule 'mean'"):
         lore_merge(thetas, rule="mean", name="w")
+
+
+def test_non_finite_inputs_and_results_are_refused_not_written():
+    from lowrank_methods.core.errors import ComputeError
+
+    good = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for shape in ((6, 5), (5,)):
+        inputs = [t[:, 0] if len(shape) == 1 else t for t in good]
+        broken = [t.clone() for t in inputs]
+        broken[1].view(-1)[2] = float("inf")
+        with pytest.raises(MergeError, match="input model 2 of 3 contains NaN or Inf"):
+            lore_merge(broken, name="w")
+    half = [100 * t.half() for t in good]  # finite inputs whose λ-scaled merge overflows float16
+    with pytest.raises(ComputeError, match="not finite"):
+        lore_merge(half, tau=1.0, iterations=3, lambda_=1e7, name="w")

@@ -49,3 +49,56 @@ def test_a_workers_error_is_the_same_one_line(tmp_path, cluster):
         lines[executor] = result.output
     assert lines["ray"] == lines["local"] and "too large for the precision" in lines["ray"]
     assert listing(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def full_models(tmp_path_factory):
+    """A tiny Llama base and three full fine-tunes of it (helpers.full_finetunes)."""
+    from helpers import full_finetunes, tiny_llama
+
+    return full_finetunes(tmp_path_factory.mktemp("ray_full"), tiny_llama(hidden=32, heads=2, vocab=64), noise=0.002)
+
+
+def _full_recipe(path, root, method, params, models=("ft0", "ft1", "ft2")):
+    lines = [f"merge_method: {method}", f"base_model: {root / 'base'}", "models:"]
+    lines += [f"  - model: {root / m}" for m in models]
+    path.write_text("\n".join(lines + [f"parameters: {params}", "dtype: float32", ""]))
+    return path
+
+
+@pytest.mark.parametrize("method, params, threads", [("lore", "{tau: 0.05, iterations: 3, tol: 0}", 1),
+                                                     ("lore", "{tau: 0.05, iterations: 3, tol: 0}", 2),
+                                                     ("ctm", "{rank: 4, rule: ties, density: 0.5}", 1)])
+def test_full_model_tensors_on_ray_write_the_same_bytes_as_mergekits_executor(tmp_path, cluster, full_models, method,
+                                                                               params, threads):
+    """lore, and our dense forms over full models, go through mergekit's planner; with --executor ray each tensor's
+    merge is a Ray task (threads 1: two at once on the two CPUs), and the weights files are identical."""
+    recipe = _full_recipe(tmp_path / "r.yml", full_models, method, params)
+    for executor in ("local", "ray"):
+        result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / executor), "-q", "--no-card",
+                                          "--threads", str(threads), "--executor", executor])
+        assert result.exit_code == 0, result.output
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_a_nan_in_a_full_model_is_the_same_one_line_on_ray(tmp_path, cluster, full_models):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(full_models / "ft2", bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    recipe = _full_recipe(tmp_path / "r.yml", full_models, "lore", "{iterations: 2}", models=("ft0", "ft1", bad))
+    before = listing(tmp_path)
+    lines = {}
+    for executor in ("local", "ray"):
+        result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "out"), "-q", "--executor", executor])
+        assert result.exit_code == 1, result.output
+        lines[executor] = result.output.strip().splitlines()[-1]
+    assert lines["ray"] == lines["local"]
+    assert "up_proj" in lines["ray"] and "input model 3 of 3 contains NaN or Inf" in lines["ray"]
+    assert listing(tmp_path) == before

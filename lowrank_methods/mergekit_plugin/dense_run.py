@@ -1,27 +1,42 @@
-"""`mergekit-lowrank merge` and `validate` for recipes of full-model methods (``lore``): mergekit runs them.
+"""`mergekit-lowrank merge` and `validate` for recipes over full models: mergekit runs them.
 
-LoRE is a dense method on full fine-tuned models: there are no LoRA factors for our engine to stream, and
-mergekit already plans, loads (local directories, Hub ids), shards and writes full models. So the recipe is
-checked like any other (names, parameters, before anything is loaded) and handed to mergekit's own
-``run_merge``, writing into our staging directory: the output is owned, replaced and cleaned up exactly like
-every other output of ours.
+``lore`` (always), and our other methods except rmm when every model is a local full model directory, are dense
+merges of full fine-tuned models: there are no LoRA factors for our engine to stream, and mergekit already plans,
+loads (local directories, Hub ids), shards and writes full models (each tensor through the method's dense form,
+``dense.py``). So the recipe is checked like any other (names, parameters, before anything is loaded) and handed
+to mergekit's own ``run_merge``, writing into our staging directory: the output is owned, replaced and cleaned up
+exactly like every other output of ours. ``threads`` is each tensor merge's torch intra-op thread count; with
+``executor="ray"`` the tensor merges run on Ray workers (``ray_graph.py``), writing the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
-from lowrank_methods.core.errors import RecipeError
-from lowrank_methods.mergekit_plugin.route import FULL_MODEL_METHODS
+from lowrank_methods.core.errors import MergeError, RecipeError
+from lowrank_methods.mergekit_plugin.route import FULL_MODEL_METHODS, is_full_model_dir
 
 
 
 def is_full_model_recipe(text: str) -> bool:
-    """True for a recipe whose merge_method is one of ours that runs on full models through mergekit."""
+    """True for a recipe of ours that mergekit runs on full models: lore, or (as ``route.check`` decides) one of
+    our methods other than rmm over local full model directories only."""
+    from lowrank_methods.core.method import list_methods
     from lowrank_methods.pipeline.recipe import load_yaml
 
     data = load_yaml(text)
-    return isinstance(data, dict) and data.get("merge_method") in FULL_MODEL_METHODS
+    if not isinstance(data, dict):
+        return False
+    method = data.get("merge_method")
+    if method in FULL_MODEL_METHODS:
+        return True
+    if method == "rmm" or method not in {m.name for m in list_methods() if m.in_mergekit}:
+        return False
+    models = [m for m in data.get("models") or [] if isinstance(m, dict)]
+    paths = [m.get("model") for m in models] + ([data["base_model"]] if data.get("base_model") else [])
+    return bool(models) and all(isinstance(p, str) and "+" not in p and is_full_model_dir(p) for p in paths)
 
 
 def mergekit_config(text: str):
@@ -46,18 +61,50 @@ def mergekit_config(text: str):
 
 
 def run_full_model_merge(text: str, out: str | Path, *, overwrite: bool, device: str, quiet: bool,
-                         write_card: bool) -> Path:
+                         write_card: bool, threads: int | None = None, executor: str = "local") -> Path:
     """Merge full models with mergekit's planner and writer into a staged ``out``; returns ``out``."""
     import mergekit.merge
+    import torch
     from mergekit.options import MergeOptions
 
-    from lowrank_methods.pipeline.staging import StagedOutput
     from lowrank_methods.mergekit_plugin.swap import original
+    from lowrank_methods.pipeline.staging import StagedOutput
+    from lowrank_methods.pipeline.threads import available_cores, check_threads
 
+    threads = check_threads(threads)
+    if executor == "ray" and device != "cpu":
+        raise MergeError("--executor ray merges on the Ray workers' CPUs; drop --device or --executor")
     config = mergekit_config(text)
     inputs = tuple(Path(str(m.model.path)) for m in config.referenced_models() if Path(str(m.model.path)).exists())
-    with StagedOutput(out, overwrite=overwrite, inputs=inputs) as stage:
+    before = torch.get_num_threads()
+    with StagedOutput(out, overwrite=overwrite, inputs=inputs) as stage, _executor(executor, threads, available_cores()):
         options = MergeOptions(device=None if device == "auto" else device, cuda=device.startswith("cuda"),
                                quiet=quiet, write_model_card=write_card)
-        original(mergekit.merge, "run_merge")(config, str(stage.path), options, config_source=text)
+        torch.set_num_threads(threads)
+        try:
+            original(mergekit.merge, "run_merge")(config, str(stage.path), options, config_source=text)
+        finally:
+            torch.set_num_threads(before)
         return stage.commit()
+
+
+@contextlib.contextmanager
+def _executor(executor: str, threads: int, cpus: int):
+    """mergekit's own executor, or (``ray``) ``RayExecutor`` in its place for the duration, on a Ray cluster
+    (``RAY_ADDRESS``'s, or a local one of ``cpus`` CPUs), two tensors in flight per ``threads`` of the cluster's CPUs."""
+    if executor == "local":
+        yield
+        return
+    import mergekit.merge
+
+    from lowrank_methods.mergekit_plugin.ray_graph import RayExecutor
+    from lowrank_methods.pipeline.ray_executor import ray_cluster
+
+    stock = mergekit.merge.Executor
+    with ray_cluster(max(cpus, threads)) as ray:
+        workers = max(1, int(ray.cluster_resources().get("CPU", cpus)) // threads)
+        mergekit.merge.Executor = functools.partial(RayExecutor, threads=threads, window=2 * workers)
+        try:
+            yield
+        finally:
+            mergekit.merge.Executor = stock

@@ -75,11 +75,13 @@ def check(merge_config, config_source: str | None = None):
 
 def only_full_models(merge_config) -> bool:
     """Is every model of the recipe a local full model directory (config.json, no adapter_config.json, no +lora)?"""
-    for ref in merge_config.referenced_models():
-        path = Path(str(ref.model.path))
-        if ref.lora is not None or not (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-            return False
-    return True
+    return all(ref.lora is None and is_full_model_dir(ref.model.path) for ref in merge_config.referenced_models())
+
+
+def is_full_model_dir(path) -> bool:
+    """A local model directory (config.json) that is not a PEFT adapter (adapter_config.json)."""
+    path = Path(str(path))
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
 def involves_adapters(merge_config) -> bool:

@@ -14,6 +14,7 @@ removed after.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -59,6 +60,25 @@ def ray_merged(modules: list[str], prepare: Callable[[str], tuple], merge: Calla
     """Yield (module, result) in the order of ``modules``; ``prepare(module)`` gives (t, factors, weights) on the
     driver, ``merge`` is the engine's per-module merge (sent by reference). At most 2 × ``workers`` modules are in
     flight; an error is raised when its module's turn comes."""
+    with ray_cluster(workers) as ray:
+        remote = ray.remote(num_cpus=1)(merge_task)
+        window: deque = deque()
+        try:
+            for module in modules:
+                window.append((module, remote.remote(merge, text, module, *prepare(module))))
+                if len(window) > 2 * workers:
+                    yield result_of(ray, *window.popleft())
+            while window:
+                yield result_of(ray, *window.popleft())
+        finally:
+            for _, ref in window:
+                ray.cancel(ref, force=True)
+
+
+@contextlib.contextmanager
+def ray_cluster(cpus: int):
+    """Ray, joined to ``RAY_ADDRESS``'s cluster or to a local one of ``cpus`` CPUs started here (its session files in
+    a temporary directory, removed after); a cluster this process started is shut down on exit."""
     ray = ray_module()
     started = not ray.is_initialized()
     session = None
@@ -66,28 +86,19 @@ def ray_merged(modules: list[str], prepare: Callable[[str], tuple], merge: Calla
         address = os.environ.get("RAY_ADDRESS")
         if not address:  # a local cluster keeps its sockets and logs here, removed after (short: socket paths)
             session = tempfile.mkdtemp(prefix="mkl-ray-")
-        ray.init(**({} if address else {"num_cpus": workers, "_temp_dir": session}), include_dashboard=False,
+        ray.init(**({} if address else {"num_cpus": cpus, "_temp_dir": session}), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
-    remote = ray.remote(num_cpus=1)(merge_task)
-    window: deque = deque()
     try:
-        for module in modules:
-            window.append((module, remote.remote(merge, text, module, *prepare(module))))
-            if len(window) > 2 * workers:
-                yield _result(ray, *window.popleft())
-        while window:
-            yield _result(ray, *window.popleft())
+        yield ray
     finally:
-        for _, ref in window:
-            ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
         if session:
             shutil.rmtree(session, ignore_errors=True)
 
 
-def _result(ray, module: str, ref) -> tuple[str, ModuleResult]:
-    """The task's result, or the error it raised as itself (a MergeError stays one line)."""
+def result_of(ray, module: str, ref):
+    """(module, the task's result), or the error it raised as itself (a MergeError stays one line)."""
     try:
         return module, ray.get(ref)
     except ray.exceptions.RayTaskError as e:

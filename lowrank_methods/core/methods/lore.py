@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from lowrank_methods.core.errors import MergeError
+from lowrank_methods.core.errors import ComputeError, MergeError
 from lowrank_methods.core.method import Paper
 from lowrank_methods.core.rules import ties
 
@@ -244,17 +244,28 @@ def lore_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None 
         raise MergeError(f"lore: unknown rule {rule!r}; use average or ties", module=name)
     if tau is None and energy is None:
         tau = DEFAULT_TAU
+    for i, t in enumerate(tensors):
+        if not torch.isfinite(t).all():
+            raise MergeError(f"lore: input model {i + 1} of {len(tensors)} contains NaN or Inf here; fix or drop that "
+                             "model", module=name)
     shape, dtype = tensors[0].shape, tensors[0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
     if len(shape) < 2:
-        return sum(pi * t.to(work) for pi, t in zip(p, tensors)).to(dtype)
+        return _finite(sum(pi * t.to(work) for pi, t in zip(p, tensors)).to(dtype), name)
     thetas = [t.to(work).reshape(shape[0], -1) for t in tensors]
     dec = lore_decompose(thetas, tau=tau, energy=energy, iterations=iterations, tol=tol, weights=weights)
     if rule == "average":
         merged = _weighted_sum(p, dec.deltas)
     else:  # ties: the shared TIES on the weighted stack w_i δ_i: trim, elect sign, disjoint mean
         merged = ties(torch.stack([w * d.dense() for w, d in zip(weights, dec.deltas)]), density)
-    return (dec.base + lambda_ * merged).reshape(shape).to(dtype)
+    return _finite((dec.base + lambda_ * merged).reshape(shape).to(dtype), name)
+
+
+def _finite(merged: torch.Tensor, name: str | None) -> torch.Tensor:
+    if not torch.isfinite(merged).all():
+        raise ComputeError(f"lore: the merged tensor is not finite (NaN or Inf) in {merged.dtype}; lower `lambda` "
+                           "or merge in a wider dtype", module=name)
+    return merged
 
 
 __all__ = ["svt", "energy_threshold", "lore_decompose", "lore_merge", "Thresholded",
