@@ -67,3 +67,47 @@ def test_every_shared_recipe_writes_the_same_files_under_both_clis(path, tmp_pat
     assert names
     for name in names:  # the weights and configs; reports and cards differ only in timings
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "mk" / name).read_bytes(), name
+
+
+def test_mergekit_yaml_over_full_models_is_staged_like_every_output_of_ours(finetunes, tmp_path, patched):
+    """lore and our dense forms run on mergekit's planner, but into our staging: a failed merge leaves nothing,
+    a directory of someone else's files is refused untouched, a previous output of ours is replaced."""
+    import shutil
+
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+    from safetensors.torch import save_file
+
+    from helpers import listing
+
+    bad = tmp_path / "bad"
+    shutil.copytree(finetunes / "ft2", bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+
+    def recipe(method, last):
+        path = tmp_path / f"{method}.yml"
+        path.write_text(f"merge_method: {method}\nbase_model: {finetunes / 'base'}\nmodels:\n"
+                        f"  - model: {finetunes / 'ft0'}\n  - model: {finetunes / 'ft1'}\n  - model: {last}\n"
+                        "parameters: {iterations: 2}\ndtype: float32\n" if method == "lore" else
+                        f"merge_method: {method}\nbase_model: {finetunes / 'base'}\nmodels:\n"
+                        f"  - model: {finetunes / 'ft0'}\n  - model: {last}\ndtype: float32\n")
+        return str(path)
+
+    broken = {method: recipe(method, bad) for method in ("lore", "tsv")}
+    before = listing(tmp_path)
+    for method in ("lore", "tsv"):
+        result = CliRunner().invoke(mergekit_yaml, [broken[method], str(tmp_path / "out"), "--quiet"])
+        assert result.exit_code == 1 and "contains NaN or Inf" in result.output, result.output
+        assert listing(tmp_path) == before, method
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(mergekit_yaml, [recipe("lore", finetunes / "ft2"), str(foreign), "--quiet"])
+    assert result.exit_code == 1 and "did not write" in result.output, result.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run replaces the first one's output
+        result = CliRunner().invoke(mergekit_yaml, [recipe("lore", finetunes / "ft2"), str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()

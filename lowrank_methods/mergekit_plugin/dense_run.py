@@ -16,7 +16,7 @@ import functools
 from pathlib import Path
 
 from lowrank_methods.core.errors import MergeError, RecipeError
-from lowrank_methods.mergekit_plugin.route import FULL_MODEL_METHODS, is_full_model_dir
+from lowrank_methods.mergekit_plugin.route import FULL_MODEL_METHODS, is_full_model_dir, mergekit_merge_staged
 
 
 
@@ -63,29 +63,24 @@ def mergekit_config(text: str):
 def run_full_model_merge(text: str, out: str | Path, *, overwrite: bool, device: str, quiet: bool,
                          write_card: bool, threads: int | None = None, executor: str = "local") -> Path:
     """Merge full models with mergekit's planner and writer into a staged ``out``; returns ``out``."""
-    import mergekit.merge
     import torch
     from mergekit.options import MergeOptions
 
-    from lowrank_methods.mergekit_plugin.swap import original
-    from lowrank_methods.pipeline.staging import StagedOutput
     from lowrank_methods.pipeline.threads import available_cores, check_threads
 
     threads = check_threads(threads)
     if executor == "ray" and device != "cpu":
         raise MergeError("--executor ray merges on the Ray workers' CPUs; drop --device or --executor")
     config = mergekit_config(text)
-    inputs = tuple(Path(str(m.model.path)) for m in config.referenced_models() if Path(str(m.model.path)).exists())
+    options = MergeOptions(device=None if device == "auto" else device, cuda=device.startswith("cuda"), quiet=quiet,
+                           write_model_card=write_card)
     before = torch.get_num_threads()
-    with StagedOutput(out, overwrite=overwrite, inputs=inputs) as stage, _executor(executor, threads, available_cores()):
-        options = MergeOptions(device=None if device == "auto" else device, cuda=device.startswith("cuda"),
-                               quiet=quiet, write_model_card=write_card)
+    with _executor(executor, threads, available_cores()):
         torch.set_num_threads(threads)
         try:
-            original(mergekit.merge, "run_merge")(config, str(stage.path), options, config_source=text)
+            return mergekit_merge_staged(config, text, out, options, overwrite=overwrite)
         finally:
             torch.set_num_threads(before)
-        return stage.commit()
 
 
 @contextlib.contextmanager

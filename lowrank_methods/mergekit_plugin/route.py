@@ -8,8 +8,9 @@
    any architecture. Either way the output is staged and committed as ``staging.py`` says: a previous output of ours
    is replaced (mergekit-yaml has no ``--overwrite``), nothing else ever is; SIGTERM/SIGHUP clean up like Ctrl-C;
    errors are one line.
-   Over local full fine-tuned models (no adapter anywhere) our methods other than rmm go to mergekit's own
-   planner instead, which hands each tensor group to the method's dense form (``dense.py``).
+   Over local full fine-tuned models (no adapter anywhere) our methods other than rmm, and lore always, go to
+   mergekit's own planner instead, which hands each tensor group to the method's dense form (``dense.py``); the
+   output is staged the same way (``mergekit_merge_staged``).
 3. mergekit's ``task_arithmetic``, ``linear`` and ``ties`` over bare adapter directories only (``only_bare_adapters``)
    run as 2., through our aliases of those names: exactly what stock mergekit computes over ``base+adapter``.
 4. Every other recipe goes to mergekit's own ``run_merge`` unchanged (``base+adapter`` references included).
@@ -33,6 +34,8 @@ def run_merge(merge_config, out_path: str, options, config_source: str | None = 
 
     try:
         recipe = check(merge_config, config_source)
+        if recipe is None and is_ours(merge_config.merge_method):  # lore, dense forms: mergekit's planner, our staging
+            return mergekit_merge_staged(merge_config, config_source, out_path, options, overwrite=True)
         if recipe is None:
             return original(mergekit.merge, "run_merge")(merge_config, out_path, options, config_source=config_source)
         with terminate_as_interrupt():
@@ -41,6 +44,19 @@ def run_merge(merge_config, out_path: str, options, config_source: str | None = 
             return _merge_to_adapter(recipe, out_path, options)
     except (MergeError, OSError, KeyboardInterrupt) as e:
         _fail(e)
+
+
+def mergekit_merge_staged(config, text: str | None, out: str | Path, options, *, overwrite: bool) -> Path:
+    """mergekit's own ``run_merge`` writing into a staged ``out`` (committed on success; on failure nothing is left)."""
+    import mergekit.merge
+
+    from lowrank_methods.mergekit_plugin.swap import original
+    from lowrank_methods.pipeline.staging import StagedOutput
+
+    inputs = tuple(Path(str(m.model.path)) for m in config.referenced_models() if Path(str(m.model.path)).exists())
+    with StagedOutput(out, overwrite=overwrite, inputs=inputs) as stage:
+        original(mergekit.merge, "run_merge")(config, str(stage.path), options, config_source=text)
+        return stage.commit()
 
 
 def check(merge_config, config_source: str | None = None):
@@ -71,6 +87,13 @@ def check(merge_config, config_source: str | None = None):
     _check_stock_parameters(known[name].spec, merge_config, strict=name in FULL_MODEL_METHODS)
     _check_adapters_have_a_base(merge_config)
     return None
+
+
+def is_ours(name: str) -> bool:
+    """A merge_method this package provides in mergekit's registry (lore included)."""
+    from lowrank_methods.core.method import list_methods
+
+    return name in FULL_MODEL_METHODS or name in {m.name for m in list_methods() if m.in_mergekit}
 
 
 def only_full_models(merge_config) -> bool:
