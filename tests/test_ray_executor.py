@@ -102,3 +102,12 @@ def test_a_nan_in_a_full_model_is_the_same_one_line_on_ray(tmp_path, cluster, fu
     assert lines["ray"] == lines["local"]
     assert "up_proj" in lines["ray"] and "input model 3 of 3 contains NaN or Inf" in lines["ray"]
     assert listing(tmp_path) == before
+
+
+def test_more_threads_than_any_ray_node_has_is_refused_not_left_waiting(tmp_path, cluster, full_models):
+    recipe = _full_recipe(tmp_path / "r.yml", full_models, "lore", "{iterations: 1}")
+    before = listing(tmp_path)
+    result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "out"), "-q", "--threads", "3",
+                                      "--executor", "ray"])
+    assert result.exit_code == 1 and "no node of the Ray cluster has that many CPUs" in result.output, result.output
+    assert listing(tmp_path) == before

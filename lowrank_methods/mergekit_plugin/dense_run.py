@@ -97,6 +97,10 @@ def _executor(executor: str, threads: int, cpus: int):
 
     stock = mergekit.merge.Executor
     with ray_cluster(max(cpus, threads)) as ray:
+        largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+        if largest < threads:  # a task asking for more CPUs than any node has would wait forever
+            raise MergeError(f"--threads {threads}: no node of the Ray cluster has that many CPUs (the largest has "
+                             f"{largest:g}); each tensor's merge is one task of --threads CPUs")
         workers = max(1, int(ray.cluster_resources().get("CPU", cpus)) // threads)
         mergekit.merge.Executor = functools.partial(RayExecutor, threads=threads, window=2 * workers)
         try:
