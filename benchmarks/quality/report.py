@@ -163,6 +163,8 @@ SETS_TEXT = {
     "hetero": "MiniLM, 8 rank-16 adapters trained 10–80 steps at learning rates 1e-4–4e-3 (update norms far apart: "
               "Compress-then-Merge's regime)",
     "smollm2": "SmolLM2-135M-Instruct (causal LM), 8 rank-16 adapters on q/k/v/o/gate/up/down, 50 steps each",
+    "smollm2-2026-12-a": "SmolLM2 set, the first run of 2026-12 (λ ≤ 0.5, which capped TSV's λ; kept for the rows "
+                         "the run above did not repeat)",
     "main-2026-11": "MiniLM main set, every method, the run of 2026-11-23 (its protocol; kept for the rows the "
                     "2026-12 run above did not repeat)",
     "mixed": "MiniLM, 8 adapters with mixed ranks 4/8/16/8 (alpha = 2r), 30 steps each",
