@@ -197,6 +197,34 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, long_recipe, tool, si
     assert [p.name for p in (tmp_path / "tmpdir").iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
+@pytest.fixture(scope="module")
+def long_lore_recipe(tmp_path_factory):
+    """A LoRE merge of full models that takes a few seconds (mergekit's planner, our staging)."""
+    from helpers import full_finetunes, tiny_llama
+
+    root = full_finetunes(tmp_path_factory.mktemp("long_lore"), tiny_llama(hidden=384, heads=4, vocab=256), noise=0.01)
+    recipe = root / "lore.yml"
+    recipe.write_text(f"merge_method: lore\nmodels:\n" + "".join(f"  - model: {root / f'ft{i}'}\n" for i in range(3))
+                      + "parameters: {iterations: 200, tol: 0}\ndtype: float32\n")
+    return recipe
+
+
+@pytest.mark.parametrize("tool", ["mergekit-lowrank", "mergekit-yaml"])
+def test_sigterm_during_a_full_model_merge_leaves_nothing(tmp_path, long_lore_recipe, tool):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cli(tool, long_lore_recipe, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ours_left_beside(out) and time.time() < deadline:  # the staging directory exists: mergekit is merging
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    err = [line for line in proc.stderr.read().splitlines() if line.startswith(("terminated", "Error", "error"))]
+    assert code == 128 + signal.SIGTERM and err == ["terminated by SIGTERM; nothing was written"], (code, err)
+    assert not out.exists() and ours_left_beside(out) == []
+
+
 def test_after_sigkill_the_next_run_cleans_up(tmp_path, long_recipe):
     out = tmp_path / "out"
     proc = subprocess.Popen(cli("mergekit-lowrank", long_recipe, out), stderr=subprocess.PIPE, text=True)

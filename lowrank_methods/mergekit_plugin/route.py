@@ -34,11 +34,11 @@ def run_merge(merge_config, out_path: str, options, config_source: str | None = 
 
     try:
         recipe = check(merge_config, config_source)
-        if recipe is None and is_ours(merge_config.merge_method):  # lore, dense forms: mergekit's planner, our staging
-            return mergekit_merge_staged(merge_config, config_source, out_path, options, overwrite=True)
-        if recipe is None:
+        if recipe is None and not is_ours(merge_config.merge_method):
             return original(mergekit.merge, "run_merge")(merge_config, out_path, options, config_source=config_source)
         with terminate_as_interrupt():
+            if recipe is None:  # lore, dense forms over full models: mergekit's planner, our staging
+                return mergekit_merge_staged(merge_config, config_source, out_path, options, overwrite=True)
             if recipe.output == "model":
                 return _merge_to_model(recipe, merge_config, out_path, options, config_source)
             return _merge_to_adapter(recipe, out_path, options)
