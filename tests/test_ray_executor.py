@@ -111,3 +111,27 @@ def test_more_threads_than_any_ray_node_has_is_refused_not_left_waiting(tmp_path
                                       "--executor", "ray"])
     assert result.exit_code == 1 and "no node of the Ray cluster has that many CPUs" in result.output, result.output
     assert listing(tmp_path) == before
+
+
+def test_gpu_workers_on_a_cluster_without_gpus_are_refused(tmp_path, cluster, full_models):
+    if torch.cuda.is_available():
+        pytest.skip("this machine's Ray cluster has a GPU: test_gpu_workers_write_what_mergekits_gpu_run_writes runs")
+    recipe = _full_recipe(tmp_path / "r.yml", full_models, "lore", "{iterations: 1}")
+    before = listing(tmp_path)
+    result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "out"), "-q", "--device", "cuda",
+                                      "--executor", "ray"])
+    assert result.exit_code == 1 and "the Ray cluster has no GPU" in result.output, result.output
+    result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / "out"), "-q", "--device", "cuda:1",
+                                      "--executor", "ray"])
+    assert result.exit_code == 1 and "use --device cpu or cuda" in result.output, result.output
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_workers_write_what_mergekits_gpu_run_writes(tmp_path, cluster, full_models):
+    recipe = _full_recipe(tmp_path / "r.yml", full_models, "lore", "{tau: 0.05, iterations: 3, tol: 0}")
+    for executor in ("local", "ray"):
+        result = CliRunner().invoke(cli, ["merge", str(recipe), str(tmp_path / executor), "-q", "--no-card",
+                                          "--device", "cuda", "--threads", "1", "--executor", executor])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "ray" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()

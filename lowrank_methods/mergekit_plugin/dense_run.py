@@ -69,13 +69,14 @@ def run_full_model_merge(text: str, out: str | Path, *, overwrite: bool, device:
     from lowrank_methods.pipeline.threads import available_cores, check_threads
 
     threads = check_threads(threads)
-    if executor == "ray" and device != "cpu":
-        raise MergeError("--executor ray merges on the Ray workers' CPUs; drop --device or --executor")
+    if executor == "ray" and device not in ("cpu", "cuda"):
+        raise MergeError(f"--executor ray runs each tensor on a worker's CPU or on the GPU Ray gives it: use --device "
+                         f"cpu or cuda, not {device}")
     config = mergekit_config(text)
     options = MergeOptions(device=None if device == "auto" else device, cuda=device.startswith("cuda"), quiet=quiet,
                            write_model_card=write_card)
     before = torch.get_num_threads()
-    with _executor(executor, threads, available_cores()):
+    with _executor(executor, threads, available_cores(), gpu=device == "cuda"):
         torch.set_num_threads(threads)
         try:
             return mergekit_merge_staged(config, text, out, options, overwrite=overwrite)
@@ -84,9 +85,10 @@ def run_full_model_merge(text: str, out: str | Path, *, overwrite: bool, device:
 
 
 @contextlib.contextmanager
-def _executor(executor: str, threads: int, cpus: int):
+def _executor(executor: str, threads: int, cpus: int, gpu: bool = False):
     """mergekit's own executor, or (``ray``) ``RayExecutor`` in its place for the duration, on a Ray cluster
-    (``RAY_ADDRESS``'s, or a local one of ``cpus`` CPUs), two tensors in flight per ``threads`` of the cluster's CPUs."""
+    (``RAY_ADDRESS``'s, or a local one of ``cpus`` CPUs), two tensors in flight per ``threads`` of the cluster's CPUs
+    (``gpu``: per GPU of the cluster)."""
     if executor == "local":
         yield
         return
@@ -97,11 +99,17 @@ def _executor(executor: str, threads: int, cpus: int):
 
     stock = mergekit.merge.Executor
     with ray_cluster(max(cpus, threads)) as ray:
-        largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-        if largest < threads:  # a task asking for more CPUs than any node has would wait forever
-            raise MergeError(f"--threads {threads}: no node of the Ray cluster has that many CPUs (the largest has "
-                             f"{largest:g}); each tensor's merge is one task of --threads CPUs")
-        workers = max(1, int(ray.cluster_resources().get("CPU", cpus)) // threads)
+        if gpu:  # a task asking for a GPU no node has would wait forever
+            workers = int(ray.cluster_resources().get("GPU", 0))
+            if workers < 1:
+                raise MergeError("--device cuda --executor ray: the Ray cluster has no GPU (start the nodes with "
+                                 "theirs, or drop --device)")
+        else:  # likewise a task asking for more CPUs than any node has
+            largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+            if largest < threads:
+                raise MergeError(f"--threads {threads}: no node of the Ray cluster has that many CPUs (the largest "
+                                 f"has {largest:g}); each tensor's merge is one task of --threads CPUs")
+            workers = max(1, int(ray.cluster_resources().get("CPU", cpus)) // threads)
         mergekit.merge.Executor = functools.partial(RayExecutor, threads=threads, window=2 * workers)
         try:
             yield

@@ -25,28 +25,36 @@ from lowrank_methods.pipeline.ray_executor import ray_module, result_of
 READS = (LoadTensor, GatherTensors)  # no side effects: may run before earlier tasks of the schedule
 
 
-def execute_on_worker(task: ExecuteMergeMethodTask, arguments: dict, threads: int):
-    """What a Ray worker runs: one tensor's merge, with our methods registered and ``threads`` intra-op threads."""
+def execute_on_worker(task: ExecuteMergeMethodTask, arguments: dict, threads: int, device: str):
+    """What a Ray worker runs: one tensor's merge, with our methods registered and ``threads`` intra-op threads;
+    on ``device`` "cuda" (the GPU Ray gave this task) where the method asks for an accelerator, returned on the CPU."""
     import torch
 
     from lowrank_methods.mergekit_plugin import register
 
     torch.set_num_threads(threads)
     register()
-    return task.execute(**arguments)
+    if device != "cpu" and task.uses_accelerator():
+        arguments = {k: {m: t.to(device) for m, t in v.items()} if isinstance(v, dict) else v
+                     for k, v in arguments.items()}
+    result = task.execute(**arguments)
+    return result.cpu() if isinstance(result, torch.Tensor) else result
 
 
 class RayExecutor(Executor):
-    """mergekit's ``Executor`` with the merges on Ray (CPU workers of ``threads`` intra-op threads each)."""
+    """mergekit's ``Executor`` with the merges on Ray: CPU tasks of ``threads`` intra-op threads each, or (math
+    device cuda) tasks of one GPU each. Tasks left on the driver compute on its CPU."""
 
     def __init__(self, targets, math_device="cpu", storage_device="cpu", cached_values=None, *, threads: int,
                  window: int):
         super().__init__(targets, math_device=math_device, storage_device=storage_device, cached_values=cached_values)
         self.threads, self.window = threads, window
+        self.device = "cuda" if self.math_device.type == "cuda" else "cpu"
 
     def _run(self, quiet: bool = False, desc: str | None = None) -> Iterator[tuple[TaskHandle, Any]]:
         ray = ray_module()
-        remote = ray.remote(num_cpus=self.threads)(execute_on_worker)
+        gpu = self.device == "cuda"
+        remote = ray.remote(num_cpus=1 if gpu else self.threads, num_gpus=1 if gpu else 0)(execute_on_worker)
         schedule = list(self.schedule.tasks)
         uses = Counter(dep for handle in schedule for dep in handle.arguments().values())
         values: dict[TaskHandle, Any] = dict(self.cached_values or {})
@@ -74,7 +82,7 @@ class RayExecutor(Executor):
             if remote_merge(handle):
                 if len(in_flight) >= self.window:
                     collect(next(iter(in_flight)))
-                in_flight[handle] = remote.remote(task, arguments, self.threads)
+                in_flight[handle] = remote.remote(task, arguments, self.threads, self.device)
                 del arguments
                 release_inputs(handle)
                 return
