@@ -63,12 +63,14 @@ def ctm_recipe(tiny: Path, path: Path, output: str | None = None) -> Path:
 
 
 def _make_venv(root: Path, editable: bool) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root)], check=True)
+    # This interpreter's packages are put on the new venv's path by a plain .pth listing, not as site dirs, so
+    # their own .pth files (this package's hook, where it is installed here too) are not run there: after an
+    # uninstall from the venv, no copy of the plugin may remain active.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     py = root / "bin" / "python"
-    if sys.prefix != sys.base_prefix:  # running inside a venv: its packages are the ones the new venv must see
-        purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        Path(purelib, "_parent_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "_parent_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-build-isolation",
                "--no-index", *(["-e"] if editable else []), str(REPO)]
     proc = subprocess.run(install, capture_output=True, text=True)
