@@ -6,8 +6,8 @@ Ray task, and the walk goes on loading the next tensors while up to ``window`` m
 (``LoadTensor``, ``GatherTensors``) may run ahead; every other task (the writer's saves, finalisation, the
 tokenizer) runs on the driver in schedule order, once the results it needs are back. So the writer receives the
 same tensors in the same order as under mergekit's executor, and the files are byte-identical — provided each
-worker computes with the driver's number of intra-op threads (an SVD's last bits depend on it), on the same CPU
-type and torch build. Values are dropped once their last consumer has run.
+worker computes with the intra-op thread count the local run used (``--threads``: an SVD's last bits depend on it),
+on the same CPU type and torch build. Values are dropped once their last consumer has run.
 """
 
 from __future__ import annotations
