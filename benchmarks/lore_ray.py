@@ -35,6 +35,7 @@ import torch
 from benchmarks.docs import write_section
 from benchmarks.lore_timing import models as lore_inputs
 from lowrank_methods.core.methods.lore import lore_decompose
+from lowrank_methods.pipeline.threads import available_cores
 
 ITERATIONS, TAU, N_MODELS = 20, 0.3, 4
 SMALL = {"hidden": 1024, "mlp": 2816, "layers": 4, "heads": 16, "vocab": 4096}
@@ -198,7 +199,7 @@ def main() -> None:
     ap.add_argument("--skip-measured-merge", action="store_true")
     ap.add_argument("--update-docs", type=Path, help="write the section between the lore-ray markers of this file")
     args = ap.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     rows = [] if args.skip_measured_merge else measured_merge(cores)
     for name, value in rows:
         print(f"{name}: {value:.1f}", flush=True)

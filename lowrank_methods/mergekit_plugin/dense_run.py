@@ -16,27 +16,21 @@ import functools
 from pathlib import Path
 
 from lowrank_methods.core.errors import MergeError, RecipeError
-from lowrank_methods.mergekit_plugin.route import FULL_MODEL_METHODS, is_full_model_dir, mergekit_merge_staged
+from lowrank_methods.mergekit_plugin.route import dense_in_mergekit, mergekit_merge_staged
 
 
 
 def is_full_model_recipe(text: str) -> bool:
-    """True for a recipe of ours that mergekit runs on full models: lore, or (as ``route.check`` decides) one of
-    our methods other than rmm over local full model directories only."""
-    from lowrank_methods.core.method import list_methods
+    """True for a recipe of ours that mergekit runs on full models (``route.dense_in_mergekit``)."""
     from lowrank_methods.pipeline.recipe import load_yaml
 
     data = load_yaml(text)
     if not isinstance(data, dict):
         return False
-    method = data.get("merge_method")
-    if method in FULL_MODEL_METHODS:
-        return True
-    if method == "rmm" or method not in {m.name for m in list_methods() if m.in_mergekit}:
-        return False
-    models = [m for m in data.get("models") or [] if isinstance(m, dict)]
-    paths = [m.get("model") for m in models] + ([data["base_model"]] if data.get("base_model") else [])
-    return bool(models) and all(isinstance(p, str) and "+" not in p and is_full_model_dir(p) for p in paths)
+    refs = [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]
+    refs += [data["base_model"]] if data.get("base_model") else []
+    paths = [r if isinstance(r, str) and "+" not in r else None for r in refs]
+    return dense_in_mergekit(data.get("merge_method"), paths)
 
 
 def mergekit_config(text: str):

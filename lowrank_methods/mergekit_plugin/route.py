@@ -71,7 +71,7 @@ def check(merge_config, config_source: str | None = None):
     ours = {m.name for m in list_methods() if m.in_mergekit}
     if name in ours:
         recipe = parse_recipe(config_source or merge_config.to_yaml())  # every parameter checked before loading
-        if name != "rmm" and only_full_models(merge_config):
+        if dense_in_mergekit(name, model_paths(merge_config)):
             return None  # full fine-tuned models: mergekit plans them and calls our dense forms (dense.py)
         return recipe  # adapters (rmm: full models too, as PT-SVD inputs of a bundle): our engine
     if name in FACTOR_EQUIVALENTS and only_bare_adapters(merge_config):
@@ -96,9 +96,19 @@ def is_ours(name: str) -> bool:
     return name in FULL_MODEL_METHODS or name in {m.name for m in list_methods() if m.in_mergekit}
 
 
-def only_full_models(merge_config) -> bool:
-    """Is every model of the recipe a local full model directory (config.json, no adapter_config.json, no +lora)?"""
-    return all(ref.lora is None and is_full_model_dir(ref.model.path) for ref in merge_config.referenced_models())
+def dense_in_mergekit(method: str, paths) -> bool:
+    """Does mergekit's planner run this recipe of ours (the dense forms, ``dense.py``)? ``lore`` always; our other
+    methods except rmm when every model path is a local full model directory (None: a ``base+lora`` reference).
+    The one rule for both CLIs (``dense_run.is_full_model_recipe`` asks it of the recipe's text)."""
+    if method in FULL_MODEL_METHODS:
+        return True
+    return (is_ours(method) and method != "rmm" and bool(paths)
+            and all(p is not None and is_full_model_dir(p) for p in paths))
+
+
+def model_paths(merge_config) -> list:
+    """Each referenced model's path, None for a ``base+lora`` reference."""
+    return [None if ref.lora is not None else ref.model.path for ref in merge_config.referenced_models()]
 
 
 def is_full_model_dir(path) -> bool:
