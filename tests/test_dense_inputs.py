@@ -121,6 +121,18 @@ def iso_cts_ref(X, f=0.8):
     return np.concatenate(ss).mean() * polar(np.hstack(us)) @ polar(np.vstack(vs))
 
 
+def wudi_ref(X, ridge=0.01):
+    """WUDI-Merging (Cheng et al.) with a ridge: each row x of X* by least squares on Σ_t ‖(x − x_t) X_tᵀ‖²/‖X_t‖²
+    + μ‖x − Σ_t x_t‖², μ = ridge · T / rank(Σ_t X_tᵀX_t/‖X_t‖²) (the mean nonzero eigenvalue)."""
+    n = [np.square(x).sum() for x in X]
+    G = sum(x.T @ x / nt for x, nt in zip(X, n))
+    mu = ridge * len(X) / np.linalg.matrix_rank(G)
+    M = np.hstack([x.T / np.sqrt(nt) for x, nt in zip(X, n)] + [np.sqrt(mu) * np.eye(X.shape[2])])
+    rows = [np.hstack([X[t, i] @ X[t].T / np.sqrt(n[t]) for t in range(len(X))] + [np.sqrt(mu) * X[:, i].sum(0)])
+            for i in range(X.shape[1])]
+    return np.stack([np.linalg.lstsq(M.T, b, rcond=None)[0] for b in rows])
+
+
 def balanced(d, r=None):
     """Exact SVD factors of d, B = U√S, A = √S Vᵀ (its top r components when r is given)."""
     U, S, Vh = svd(d)
@@ -160,6 +172,7 @@ REFERENCES = {  # name -> (parameters, reference update from the deltas and weig
     "tsv": ({"lambda": LAM}, lambda D, w: LAM * tsv_ref(weighted(D, w), min(D[0].shape) // 3)),
     "iso_c": ({"lambda": LAM}, lambda D, w: LAM * iso_c_ref(weighted(D, w))),
     "iso_cts": ({"lambda": LAM}, lambda D, w: LAM * iso_cts_ref(weighted(D, w))),
+    "wudi": ({"lambda": LAM, "ridge": 0.05}, lambda D, w: LAM * wudi_ref(weighted(D, w), 0.05)),
     "core_space": ({"lambda": LAM, "density": 0.5},
                    lambda D, w: LAM * core_space_ref(D, w, lambda M: ties_ref(M, 0.5))),
     "knots": ({"lambda": LAM, "density": 0.5}, lambda D, w: LAM * knots_ref(D, w, lambda V: ties_ref(V, 0.5))),
@@ -179,6 +192,8 @@ EXTRA = [  # (method, parameters, reference)
     ("iso_cts", {"common_space_fraction": 0.3}, lambda D, w: iso_cts_ref(weighted(D, w), 0.3)),  # 2 per task
     ("core_space", {"rule": "ta", "rank": 4}, lambda D, w: best_rank(weighted(D, w).sum(0), 4)),
     ("core_space", {"rule": "iso_c"}, lambda D, w: iso_c_ref(weighted(D, w))),  # core-space Iso-C = dense Iso-C
+    ("core_space", {"rule": "wudi"}, lambda D, w: wudi_ref(weighted(D, w))),  # and WUDI
+    ("mtc", {"rule": "wudi", "ridge": 1.0, "rank": 3}, lambda D, w: best_rank(wudi_ref(weighted(D, w), 1.0), 3)),
     ("knots", {"rule": "ta"}, lambda D, w: weighted(D, w).sum(0)),
     ("knots", {"scale_by_sigma": False, "density": 0.3},
      lambda D, w: _knots_unscaled(D, w, 0.3)),
@@ -244,7 +259,7 @@ def test_rank_deficient_deltas(mk, name):
     _check(mk, name, params, reference, seed=3, low_rank=2)
 
 
-@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts", "core_space", "knots", "mtc"])
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts", "wudi", "core_space", "knots", "mtc"])
 def test_dense_form_is_the_factor_method_on_exact_factors(mk, name):
     """What the adapter route computes for adapters whose updates are these deltas (dense LoRA updates)."""
     params = {"mtc": {"rule": "ties", "rank": 6}}.get(name, {})

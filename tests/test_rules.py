@@ -10,7 +10,7 @@ from helpers import iso_cts_reference, tsv_reference
 from lowrank_methods.core.errors import MergeError
 from lowrank_methods.core.linalg import tucker2
 from lowrank_methods.core.method import get_method
-from lowrank_methods.core.rules import DareRule, DareTiesRule, apply_rule, dare, iso_c, iso_cts, ties, tsv
+from lowrank_methods.core.rules import DareRule, DareTiesRule, apply_rule, dare, iso_c, iso_cts, ties, tsv, wudi
 from lowrank_methods.core.types import MethodContext
 
 D = torch.float64
@@ -157,6 +157,46 @@ def test_iso_cts_task_directions_sets_the_split():
 def test_iso_cts_with_common_fraction_one_is_iso_c():
     X = low_rank_stack([2, 3, 1])
     torch.testing.assert_close(iso_cts(X, 1.0), iso_c(X), rtol=0, atol=1e-12)
+
+
+# -- WUDI ----------------------------------------------------------------------------------------------
+def _wudi_loss(M, X, mu):
+    return sum(((M - x) @ x.T).square().sum() / x.square().sum() for x in X) + mu * (M - X.sum(0)).square().sum()
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.01, 1.0])
+def test_wudi_is_the_minimiser_of_its_objective(ridge):
+    """The gradient of Σ_t ‖(M − X_t)X_tᵀ‖²/‖X_t‖² + μ‖M − Σ_t X_t‖² vanishes at the rule's output; with ridge 0
+    and linearly independent row spaces (3 tasks of rank 2 in 10 columns) the interference term is 0."""
+    X = low_rank_stack([2, 2, 2])
+    G = sum(x.T @ x / x.square().sum() for x in X)
+    mu = ridge * 3 / 6  # T / rank(Σ G_t): the mean nonzero eigenvalue
+    M = wudi(X, ridge).requires_grad_()
+    _wudi_loss(M, X, mu).backward()
+    assert M.grad.abs().max() < 1e-10
+    assert torch.linalg.matrix_rank(G) == 6
+    if ridge == 0:
+        assert float(_wudi_loss(M.detach(), X, 0)) < 1e-20
+        for x in X:  # on each task's own rows the merge acts as that task does
+            torch.testing.assert_close(M.detach() @ x.T, x @ x.T, rtol=0, atol=1e-10)
+
+
+def test_wudi_with_orthogonal_row_spaces_is_the_sum_and_a_large_ridge_tends_to_it():
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(10, 6, generator=g, dtype=D))[0]
+    X = torch.stack([torch.randn(12, 2, generator=g, dtype=D) @ Q[:, 2 * t:2 * t + 2].T for t in range(3)])
+    for ridge in (0.0, 0.01, 5.0):
+        torch.testing.assert_close(wudi(X, ridge), X.sum(0), rtol=0, atol=1e-10)
+    Y = low_rank_stack([2, 3, 2])
+    assert (wudi(Y, 1e6) - Y.sum(0)).norm() < 1e-4 * Y.sum(0).norm() < (wudi(Y, 0.01) - Y.sum(0)).norm()
+
+
+def test_wudi_ignores_zero_tasks_and_has_the_rank_of_the_row_spaces():
+    X = low_rank_stack([2, 1, 3])
+    with_zero = torch.cat([X, torch.zeros(1, *X.shape[1:], dtype=D)])
+    torch.testing.assert_close(wudi(with_zero), wudi(X), rtol=0, atol=1e-12)
+    assert torch.linalg.matrix_rank(wudi(X)) <= 6
+    assert torch.equal(wudi(torch.zeros(2, 4, 5, dtype=D)), torch.zeros(4, 5, dtype=D))
 
 
 # -- Tucker-2 ------------------------------------------------------------------------------------------

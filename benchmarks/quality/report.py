@@ -29,8 +29,8 @@ def ordered(result: Result) -> list[Row]:
 
 
 # The rule a row merges with, for the comparison with Merge-then-Compress under the same rule (mtc[rule]).
-RULE_OF = {"tsv": "tsv", "iso_c": "iso_c", "iso_cts": "iso_cts", "task_arithmetic": "ta", "cat": "ta", "ties": "ties",
-           "peft:svd": "ta", "peft:cat": "ta", "peft:ties_svd": "ties"}
+RULE_OF = {"tsv": "tsv", "iso_c": "iso_c", "iso_cts": "iso_cts", "wudi": "wudi", "task_arithmetic": "ta", "cat": "ta",
+           "ties": "ties", "peft:svd": "ta", "peft:cat": "ta", "peft:ties_svd": "ties"}
 
 
 def rule_of(label: str) -> str | None:
@@ -163,6 +163,8 @@ SETS_TEXT = {
     "hetero": "MiniLM, 8 rank-16 adapters trained 10–80 steps at learning rates 1e-4–4e-3 (update norms far apart: "
               "Compress-then-Merge's regime)",
     "smollm2": "SmolLM2-135M-Instruct (causal LM), 8 rank-16 adapters on q/k/v/o/gate/up/down, 50 steps each",
+    "smollm2-2026-12-b": "SmolLM2 set, the second run of 2026-12 (50 validation items per task, below the protocol's "
+                         "≥ 300; kept for comparison with the run above)",
     "smollm2-2026-12-a": "SmolLM2 set, the first run of 2026-12 (λ ≤ 0.5, which capped TSV's λ; kept for the rows "
                          "the run above did not repeat)",
     "main-2026-11": "MiniLM main set, every method, the run of 2026-11-23 (its protocol; kept for the rows the "

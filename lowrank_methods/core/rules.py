@@ -15,6 +15,8 @@ by the caller before the rule (X_t = w_t ΔW_t, as PEFT and mergekit do), λ aft
                                                                           (Gargiulo et al. 2412.00081)
     iso_c     Σ_t X_t with its nonzero spectrum flattened to its mean     (Marczak et al. 2502.04959)
     iso_cts   common subspace of Σ_t X_t + task-specific residual directions, flattened spectrum
+    wudi      argmin_X Σ_t ‖(X − X_t) X_tᵀ‖² / ‖X_t‖² (+ a ridge towards Σ_t X_t), closed form
+                                                                          (Cheng et al. 2503.08099)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from lowrank_methods.core.linalg import numerical_rank, polar
 from lowrank_methods.core.params import ScaledParams
 from lowrank_methods.core.types import LoraFactors, MethodContext, ModuleResult
 
-RuleName = Literal["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts"]
+RuleName = Literal["ta", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi"]
 SignMethod = Literal["total", "frequency"]
 KeepCount = Literal["floor", "floor+1"]
 
@@ -78,8 +80,14 @@ class IsoCtsRule(Rule):
                                                 "common_space_fraction; CtM's reference code keeps 1, so r−T are common)")
 
 
+class WudiRule(Rule):
+    rule: Literal["wudi"] = "wudi"
+    ridge: float = Field(0.01, ge=0, description="WUDI: pull towards the task-arithmetic sum, relative to the mean "
+                         "eigenvalue of Σ_t G_t (0: the exact minimiser, which amplifies directions few tasks use)")
+
+
 RULES: dict[str, type[Rule]] = {"ta": TaRule, "ties": TiesRule, "dare": DareRule, "dare_ties": DareTiesRule,
-                                "tsv": TsvRule, "iso_c": IsoCRule, "iso_cts": IsoCtsRule}
+                                "tsv": TsvRule, "iso_c": IsoCRule, "iso_cts": IsoCtsRule, "wudi": WudiRule}
 
 
 class RuleParams(ScaledParams):
@@ -127,6 +135,8 @@ def apply_rule(X: torch.Tensor, rule: Rule, ctx: MethodContext | None = None) ->
         return iso_c(X)
     if name == "iso_cts":
         return iso_cts(X, rule.common_space_fraction, rule.task_directions)
+    if name == "wudi":
+        return wudi(X, rule.ridge)
     raise ValueError(f"unknown rule {name!r}")
 
 
@@ -324,3 +334,20 @@ def iso_cts(X: torch.Tensor, common_space_fraction: float = 0.8, task_directions
             us.append(u), ss.append(sig), vs.append(vh)
     sigma = torch.cat(ss).mean()
     return sigma * (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 0)))
+
+
+def wudi(X: torch.Tensor, ridge: float = 0.01) -> torch.Tensor:
+    """WUDI-Merging in closed form: a task's rows span the inputs it reads, so the merge should act on them as the
+    task does: X* = argmin Σ_t ‖(X − X_t) X_tᵀ‖²/‖X_t‖² + μ‖X − Σ_t X_t‖² = (Σ_t X_t G_t + μ Σ_t X_t)(Σ_t G_t + μI)⁻¹
+    with G_t = X_tᵀX_t/‖X_t‖² and μ = ridge × the mean nonzero eigenvalue of Σ_t G_t (the same in every space)."""
+    norms = X.square().sum((1, 2))
+    X = X[norms > 0]
+    if X.shape[0] == 0:
+        return X.new_zeros(X.shape[1:])
+    G = X.transpose(1, 2) @ X / norms[norms > 0].reshape(-1, 1, 1)
+    evals, evecs = torch.linalg.eigh(G.sum(0))
+    nonzero = evals > evals.max() * max(G.shape[1:]) * torch.finfo(X.dtype).eps
+    mu = ridge * evals[nonzero].mean()
+    # the inverse on the tasks' row space only: the right-hand side has no part outside it
+    inverse = (evecs[:, nonzero] / (evals[nonzero] + mu)) @ evecs[:, nonzero].T
+    return ((X @ G).sum(0) + mu * X.sum(0)) @ inverse

@@ -24,6 +24,7 @@ tsv             TSV-M: per-task SVD, top k = ``tsv_components`` or ⌊min(m,n)/T
 iso_c           λ mean(S) U Vᵀ of Σ_t X_t = U S Vᵀ (nonzero spectrum); then ``rank``
 iso_cts         common top-k_c subspace of Σ_t X_t + per-task directions of the residuals, polar-orthogonalised,
                 flat spectrum (``rules.iso_cts``), × λ; then ``rank``
+wudi            λ (Σ_t X_t G_t + μ Σ_t X_t)(Σ_t G_t + μI)⁻¹ with G_t = X_tᵀX_t/‖X_t‖² (``rules.wudi``); then ``rank``
 core_space      the factor method on the exact SVD factors of each Δ_t (balanced: B = U√S, A = √S Vᵀ, numerical rank)
 knots           the same (KnOTS depends only on the products B_t A_t)
 ctm             the factor method on the rank-r factors of each Δ_t (its top-r SVD, balanced), r = ``rank``;
@@ -60,7 +61,7 @@ from lowrank_methods.core.types import LoraFactors
 from lowrank_methods.core.linalg import LowRankSVD, numerical_rank, truncate
 from lowrank_methods.core.method import Method, get_method
 from lowrank_methods.core.params import MAX_MAGNITUDE, MethodParams
-from lowrank_methods.core.rules import apply_rule, default_tsv_components, iso_c, iso_cts, tsv
+from lowrank_methods.core.rules import apply_rule, default_tsv_components, iso_c, iso_cts, tsv, wudi
 from lowrank_methods.core.types import MethodContext
 
 DENSE_OUTPUTS = (None, "model")  # `output: adapter` / `bundle` describe the adapter route's files
@@ -276,6 +277,14 @@ def _iso_cts(method, deltas, weights, params, ctx):
                                                  params.task_directions), params.rank)
 
 
+def _wudi(method, deltas, weights, params, ctx):
+    """WUDI: (Σ_t X_t G_t + μ Σ_t X_t)(Σ_t G_t + μI)⁻¹, G_t = X_tᵀX_t/‖X_t‖²; then ``rank``."""
+    kept, kw = _present(deltas, weights)
+    if not kept:
+        return torch.zeros_like(deltas[0])
+    return best_rank(params.lambda_ * wudi(_weighted_stack(kept, kw), params.ridge), params.rank)
+
+
 def _on_factors(rank_of: Callable[[MethodParams], int | None]):
     """The factor method itself, on the SVD factors of each Δ_t (exact, or the top ``rank_of(params)`` components)."""
 
@@ -303,6 +312,7 @@ DENSE_FORMS: dict[str, Callable] = {
     "tsv": _tsv,
     "iso_c": _iso_c,
     "iso_cts": _iso_cts,
+    "wudi": _wudi,
     "core_space": _on_factors(lambda p: None),
     "knots": _on_factors(lambda p: None),
     "ctm": _on_factors(lambda p: p.rank),

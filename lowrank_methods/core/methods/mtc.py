@@ -3,7 +3,7 @@
     ΔW* = λ f(w_1 ΔW_1 … w_T ΔW_T),   output: top-`rank` SVD of ΔW*   (B = U_k √S_k, A = √S_k V_kᵀ)
 
 - ta: λ Σ_t w_t B_t A_t is itself low-rank; its SVD is exact from the factors (two thin QRs + an R×R SVD).
-- tsv, iso_c, iso_cts: the dense rank-aware rule equals the rule in core space (see the tsv/iso methods).
+- tsv, iso_c, iso_cts, wudi: the dense rank-aware rule equals the rule in core space (see those methods).
 - ties, dare, dare_ties: elementwise, so dense: ΔW_t is formed in row blocks (memory T·block·n), TIES
   thresholds come from one task's full ΔW_t at a time, then one exact thin SVD of the m×n merge.
 ``task_arithmetic``, ``linear`` and ``ties`` are mergekit's methods of those names, exactly, on the adapters' updates
@@ -124,7 +124,7 @@ def _merge_by_rule(factors, weights, params: MtcParams, ctx: MethodContext) -> M
     if params.rule == "tsv":
         k = params.tsv_components or default_tsv_components(shape, len(factors))
         params = params.model_copy(update={"tsv_components": k})
-    if params.rule in ("tsv", "iso_c", "iso_cts"):
+    if params.rule in ("tsv", "iso_c", "iso_cts", "wudi"):
         return merge_in_core_space(factors, weights, params, params.rank, params.lambda_, ctx)
     return _compress_dense(params.lambda_ * dense_elementwise_merge(factors, weights, params, ctx), params.rank, shape)
 
