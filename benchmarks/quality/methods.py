@@ -27,7 +27,8 @@ from lowrank_methods.core.method import list_methods
 LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 SECOND_STAGE = {"density": tuple(round(0.05 * i, 2) for i in range(1, 11)), "drop_rate": (0.1, 0.3, 0.5),
                 "beta": (0.0, 0.25, 0.5, 0.75), "ridge": (0.003, 0.01, 0.03, 0.1)}
-USES = {"density": {None, "ties", "dare_ties"}, "drop_rate": {None, "dare", "dare_ties"}, "ridge": {None, "wudi"}}  # which rules read a knob
+USES = {"density": {None, "ties", "dare_ties"}, "drop_rate": {None, "dare", "dare_ties"},  # which rules read a knob
+        "ridge": {None, "wudi"}}
 OUTPUT_RANK = 16  # every rank-limited output (mtc, ctm, PEFT's svd merges) in every set: the main set's rank
 # mtc's default (exact) equals task_arithmetic; ctm's default rank is the largest input rank (8 for rsLoRA)
 FIXED = {"mtc": {"rank": OUTPUT_RANK}, "ctm": {"rank": OUTPUT_RANK}, "linear": {"lambda": (1.0,)}}

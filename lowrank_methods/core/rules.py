@@ -338,13 +338,15 @@ def iso_cts(X: torch.Tensor, common_space_fraction: float = 0.8, task_directions
 
 def wudi(X: torch.Tensor, ridge: float = 0.01) -> torch.Tensor:
     """WUDI-Merging in closed form: a task's rows span the inputs it reads, so the merge should act on them as the
-    task does: X* = argmin Σ_t ‖(X − X_t) X_tᵀ‖²/‖X_t‖² + μ‖X − Σ_t X_t‖² = (Σ_t X_t G_t + μ Σ_t X_t)(Σ_t G_t + μI)⁻¹
-    with G_t = X_tᵀX_t/‖X_t‖² and μ = ridge × the mean nonzero eigenvalue of Σ_t G_t (the same in every space)."""
+    task does: X* = argmin Σ_t ‖(X − X_t) X_tᵀ‖²/‖X_t‖² + μ‖X − Σ_t X_t‖²
+                  = (Σ_t X_t G_t + μ Σ_t X_t)(Σ_t G_t + μI)⁻¹,   G_t = X_tᵀX_t/‖X_t‖²,
+    μ = ridge × the mean nonzero eigenvalue of Σ_t G_t (the same in every space)."""
     norms = X.square().sum((1, 2))
-    X = X[norms > 0]
+    present = norms > 0
+    X = X[present]
     if X.shape[0] == 0:
         return X.new_zeros(X.shape[1:])
-    G = X.transpose(1, 2) @ X / norms[norms > 0].reshape(-1, 1, 1)
+    G = X.transpose(1, 2) @ X / norms[present].reshape(-1, 1, 1)
     evals, evecs = torch.linalg.eigh(G.sum(0))
     nonzero = evals > evals.max() * max(G.shape[1:]) * torch.finfo(X.dtype).eps
     mu = ridge * evals[nonzero].mean()

@@ -1,6 +1,7 @@
 """wudi: WUDI-Merging (Cheng et al., arXiv 2503.08099), data-free, in closed form, on the dense updates.
 
-    X_t = w_t ΔW_t,  ΔW* = λ argmin_X Σ_t ‖(X − X_t) X_tᵀ‖² / ‖X_t‖² + μ ‖X − Σ_t X_t‖²   (X_t's rows: its inputs)
+    X_t = w_t ΔW_t,  ΔW* = λ argmin_X Σ_t ‖(X − X_t) X_tᵀ‖² / ‖X_t‖² + μ ‖X − Σ_t X_t‖²
+(X_t's rows stand in for the inputs task t reads.)
 The paper minimises the first term by 300 Adam steps from Σ_t X_t; the ridge μ is that early stop in closed form.
 Computed exactly in core space: with ΔW_t = U_B M_t V_A (orthonormal bases) the minimiser is U_B X*(M) V_A.
 """
