@@ -11,7 +11,7 @@ import torch
 from benchmarks.quality import report
 from benchmarks.quality.evaluate import Evaluator, evaluate_adapter_factors
 from benchmarks.quality.harness import norm_spread, run_benchmark
-from benchmarks.quality.methods import load_factors
+from benchmarks.quality.methods import PEFT_COMBINATIONS, load_factors
 from benchmarks.quality.model import Encoder, accuracy
 from benchmarks.quality.tasks import Task, balanced_splits, parse_synset
 from benchmarks.quality.train import save_adapter, train_adapter
@@ -102,7 +102,7 @@ def test_harness_end_to_end(bench, tmp_path):
     for m in list_methods():
         if m.output != "bundle":
             assert any(label.split("[")[0] == m.name for label in labels), m.name
-    assert {"peft:svd", "peft:ties_svd", "peft:cat", "peft:linear"} <= labels
+    assert {f"peft:{c}" for c in PEFT_COMBINATIONS} <= labels
     by = {row.label: row for row in result.rows}
     assert by["individual adapters"].mean == 1.0
     for row in result.rows:

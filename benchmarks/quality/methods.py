@@ -32,7 +32,10 @@ USES = {"density": {None, "ties", "dare_ties"}, "drop_rate": {None, "dare", "dar
 OUTPUT_RANK = 16  # every rank-limited output (mtc, ctm, PEFT's svd merges) in every set: the main set's rank
 # mtc's default (exact) equals task_arithmetic; ctm's default rank is the largest input rank (8 for rsLoRA)
 FIXED = {"mtc": {"rank": OUTPUT_RANK}, "ctm": {"rank": OUTPUT_RANK}, "linear": {"lambda": (1.0,)}}
-PEFT_COMBINATIONS = ("svd", "ties_svd", "cat", "linear")
+# Every combination_type of PEFT's add_weighted_adapter: the SVD family (rank-16 output), cat (the exact sum) and
+# the factor-wise ones (A and B combined separately, rank 16 without an SVD).
+PEFT_COMBINATIONS = ("svd", "ties_svd", "magnitude_prune_svd", "dare_ties_svd", "dare_linear_svd", "cat", "linear",
+                     "ties", "magnitude_prune", "dare_ties", "dare_linear")
 # Merges whose output keeps more than OUTPUT_RANK directions, re-run under ``rank_budget: OUTPUT_RANK`` (the
 # engine's ``within_budget``: the parameters of rank 16 everywhere, spread over modules by spectrum).
 BUDGET_BASES = ("tsv", "task_arithmetic", "iso_cts", "core_space[ties]", "knots[ties]", "wudi")
@@ -149,9 +152,11 @@ class PeftPeers:
         self._count = 0
 
     def candidates(self) -> list[Candidate]:
-        fixed = {"ties_svd": {"density": 0.2}}  # PEFT has no default density; 0.2 as our rules
-        stage = {"ties_svd": {"density": SECOND_STAGE["density"]}}
-        return [Candidate(f"peft:{c}", "peft", self._merge(c), fixed.get(c, {}), LAMBDAS, stage.get(c, {}))
+        def pruned(c):  # PEFT has no default density; 0.2 as our rules
+            return c.removesuffix("_svd") in ("ties", "magnitude_prune", "dare_ties", "dare_linear")
+
+        return [Candidate(f"peft:{c}", "peft", self._merge(c), {"density": 0.2} if pruned(c) else {}, LAMBDAS,
+                          {"density": SECOND_STAGE["density"]} if pruned(c) else {})
                 for c in PEFT_COMBINATIONS]
 
     def _merge(self, combination: str):
@@ -163,6 +168,7 @@ class PeftPeers:
             kwargs = {"svd_rank": OUTPUT_RANK, "svd_full_matrices": False} if combination.endswith("svd") else {}
             if "density" in values:
                 kwargs["density"] = values["density"]
+            torch.manual_seed(0)  # DARE's random drop: the same mask on every run
             t0 = time.perf_counter()
             self.model.add_weighted_adapter(self.names, [values["lambda"]] * len(self.names), name,
                                             combination_type=combination, **kwargs)

@@ -30,7 +30,8 @@ def ordered(result: Result) -> list[Row]:
 
 # The rule a row merges with, for the comparison with Merge-then-Compress under the same rule (mtc[rule]).
 RULE_OF = {"tsv": "tsv", "iso_c": "iso_c", "iso_cts": "iso_cts", "wudi": "wudi", "task_arithmetic": "ta", "cat": "ta",
-           "ties": "ties", "peft:svd": "ta", "peft:cat": "ta", "peft:ties_svd": "ties"}
+           "ties": "ties", "peft:svd": "ta", "peft:cat": "ta", "peft:ties_svd": "ties",
+           "peft:dare_ties_svd": "dare_ties", "peft:dare_linear_svd": "dare"}
 
 
 def rule_of(label: str) -> str | None:
