@@ -173,6 +173,8 @@ SETS_TEXT = {
     "mixed": "MiniLM, 8 adapters with mixed ranks 4/8/16/8 (alpha = 2r), 30 steps each",
     "rslora": "MiniLM, 8 rsLoRA adapters (use_rslora, rank 8, alpha 8: scale alpha/√r ≈ 2.83), 30 steps each",
     "mixed-2026-11": "MiniLM mixed-rank set, the run of 2026-11-23 (its protocol; kept for comparison)",
+    "rslora-2026-11": "MiniLM rsLoRA set, the run of 2026-11-23 (its protocol: ctm at rank 8, the others at 16; "
+                      "kept for comparison)",
 }
 OLD_PROTOCOL = ("2026-11 protocol: first 100 validation items per task, λ ∈ {0.25, 0.5, 1, 1.5, 2}, density ∈ "
                 "{0.1, 0.2, 0.5}, ctm at its default rank (the largest input rank), no per-item results (no CIs)")
