@@ -31,7 +31,9 @@ USES = {"density": {None, "ties", "dare_ties"}, "drop_rate": {None, "dare", "dar
         "ridge": {None, "wudi"}}
 OUTPUT_RANK = 16  # every rank-limited output (mtc, ctm, PEFT's svd merges) in every set: the main set's rank
 # mtc's default (exact) equals task_arithmetic; ctm's default rank is the largest input rank (8 for rsLoRA)
-FIXED = {"mtc": {"rank": OUTPUT_RANK}, "ctm": {"rank": OUTPUT_RANK}, "linear": {"lambda": (1.0,)}}
+# mergekit's `ties` on adapters needs a rank (its dense result is full rank): the same one
+FIXED = {"mtc": {"rank": OUTPUT_RANK}, "ctm": {"rank": OUTPUT_RANK}, "ties": {"rank": OUTPUT_RANK},
+         "linear": {"lambda": (1.0,)}}
 # Every combination_type of PEFT's add_weighted_adapter: the SVD family (rank-16 output), cat (the exact sum) and
 # the factor-wise ones (A and B combined separately, rank 16 without an SVD).
 PEFT_COMBINATIONS = ("svd", "ties_svd", "magnitude_prune_svd", "dare_ties_svd", "dare_linear_svd", "cat", "linear",
