@@ -23,7 +23,7 @@ QUICK_LAMBDAS = (0.5, 1.0)
 
 
 def main(argv=None) -> None:
-    from .train import EXAMPLE_DIR, SETS
+    from .train import SETS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", choices=[*SETS, "smollm2", "all"], default="main",
@@ -49,9 +49,7 @@ def main(argv=None) -> None:
         return publish(RESULTS, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "img" / "quality.png")
 
     from . import tasks as task_data
-    from .evaluate import Evaluator
     from .harness import run_benchmark
-    from .model import load_minilm
     from .report import table
 
     torch.set_num_threads(args.threads)
@@ -60,15 +58,8 @@ def main(argv=None) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
     minilm = None
     for set_name in [*SETS, "smollm2"] if args.set == "all" else [args.set]:
-        if set_name == "smollm2":
-            from .causal import CausalEvaluator, load_smollm2
-            from .train_causal import ADAPTER_DIR
-
-            evaluator, adapters = CausalEvaluator(*load_smollm2(), tasks, validation_limit=limit), ADAPTER_DIR
-        else:
-            minilm = minilm or Evaluator(load_minilm(), tasks, validation_limit=limit)
-            evaluator, adapters = minilm, EXAMPLE_DIR / SETS[set_name].directory
-        dirs = {t: adapters / t for t in evaluator.tasks}
+        evaluator, dirs = open_set(set_name, tasks, limit, minilm)
+        minilm = evaluator if set_name != "smollm2" else minilm
         done = []
         if args.resume and (RESULTS / f"{set_name}.json").is_file():
             from .report import load_result
@@ -80,6 +71,24 @@ def main(argv=None) -> None:
                                on_row=lambda r: None if args.no_docs else save(r, args, argv), done=done)
         print(f"\n## adapter set `{set_name}` ({result.seconds / 60:.1f} min)\n")
         print(table(result))
+
+
+def open_set(set_name: str, tasks, validation_limit: int | None = None, minilm=None):
+    """The evaluator of an adapter set's base model (``minilm``: one already loaded) and its adapters by task."""
+    from .train import EXAMPLE_DIR, SETS
+
+    if set_name == "smollm2":
+        from .causal import CausalEvaluator, load_smollm2
+        from .train_causal import ADAPTER_DIR
+
+        evaluator, adapters = CausalEvaluator(*load_smollm2(), tasks, validation_limit=validation_limit), ADAPTER_DIR
+    else:
+        from .evaluate import Evaluator
+        from .model import load_minilm
+
+        evaluator = minilm or Evaluator(load_minilm(), tasks, validation_limit=validation_limit)
+        adapters = EXAMPLE_DIR / SETS[set_name].directory
+    return evaluator, {t: adapters / t for t in evaluator.tasks}
 
 
 def save(result, args, argv) -> None:
