@@ -130,16 +130,19 @@ def search(candidate: Candidate, scores: SharedScores, individual_val: dict[str,
     for knob, grid in [("lambda", candidate.lambdas), *candidate.second_stage.items()]:
         start = best.get(knob, 1.0 if knob == "lambda" else defaults.get(knob))
         i = grid.index(start) if start in grid else len(grid) // 2
-        at = lambda j: score({**best, knob: grid[j]})  # noqa: E731
-        for step in (-1, 1):
-            j = i
-            while 0 <= j + step < len(grid) and at(j + step) > at(j):
-                j += step
-            if j != i:
-                i = j
-                break
-        best[knob] = grid[i]
+        best[knob] = grid[climb_index(len(grid), i, lambda j: score({**best, knob: grid[j]}))]
     return best, score(best)
+
+
+def climb_index(n: int, i: int, at) -> int:
+    """From index ``i`` of a grid of ``n`` values, step towards the better neighbour of ``at(j)`` while it improves."""
+    for step in (-1, 1):
+        j = i
+        while 0 <= j + step < n and at(j + step) > at(j):
+            j += step
+        if j != i:
+            return j
+    return i
 
 
 def run_benchmark(evaluator: Evaluator, adapter_dirs: dict[str, Path], *, set_name: str = "main",

@@ -23,7 +23,7 @@ import torch
 from lowrank_methods.core.types import LoraFactors
 
 from . import stats
-from .harness import accuracies, mean, normalize
+from .harness import accuracies, climb_index, mean, normalize
 from .methods import load_factors, package_candidates
 from .report import load_result
 
@@ -45,16 +45,8 @@ def climb(score, start: tuple[float, float], grid: tuple[float, ...] = GRID) -> 
     grid = tuple(sorted({*grid, *start}))
     best = list(start)
     for k in (0, 1):
-        i = grid.index(best[k])
         at = lambda j: score(*[grid[j] if n == k else best[n] for n in (0, 1)])  # noqa: E731
-        for step in (-1, 1):
-            j = i
-            while 0 <= j + step < len(grid) and at(j + step) > at(j):
-                j += step
-            if j != i:
-                i = j
-                break
-        best[k] = grid[i]
+        best[k] = grid[climb_index(len(grid), grid.index(best[k]), at)]
     return best[0], best[1]
 
 
