@@ -54,18 +54,23 @@ def main(argv=None) -> None:
     from . import tasks as task_data
     from .__main__ import RESULTS, open_set
     from .methods import PeftPeers
+    from .train import SETS
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.module_lambda", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", default="smollm2")
+    parser.add_argument("--set", default="smollm2", choices=[*SETS, "smollm2"])
     parser.add_argument("--labels", default="peft:ties_svd,mtc[tsv],tsv+budget16")
     parser.add_argument("--versus", default="peft:ties_svd", help="the peer row every result is compared with")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    record = json.loads((RESULTS / f"{args.set}.json").read_text())
-    result = load_result(record)
-    rows = {r.label: r for r in result.rows}
+    if not (RESULTS / f"{args.set}.json").is_file():
+        parser.error(f"no results/{args.set}.json: run `python -m benchmarks.quality --set {args.set}` first")
+    result = load_result(json.loads((RESULTS / f"{args.set}.json").read_text()))
+    rows = {r.label: r for r in result.rows if r.correct}
+    labels = args.labels.split(",")
+    if missing := [x for x in [*labels, args.versus] if x not in rows]:
+        parser.error(f"not scored in results/{args.set}.json: {', '.join(missing)} (labels there: {', '.join(rows)})")
     evaluator, dirs = open_set(args.set, task_data.load())
     names = list(evaluator.tasks)
     factors = load_factors([dirs[t] for t in names])
@@ -77,7 +82,7 @@ def main(argv=None) -> None:
     out = RESULTS / f"{args.set}-module-lambda.json"
     found = json.loads(out.read_text()) if out.is_file() else {}
 
-    for label in args.labels.split(","):
+    for label in labels:
         row, c = rows[label], candidates[label]
         shared = row.chosen["lambda"]
         merged = c.merge({**c.fixed, **row.chosen, "lambda": 1.0}).deltas
